@@ -20,6 +20,7 @@ from kvarn.quant.attention import (
 from kvarn.quant.hadamard import hadamard, rotate
 from kvarn.quant.normalize import imbalance, normalize_tiles
 from kvarn.quant.records import (
+    _check_blocks,
     dequantize_rotated_blocks,
     pack_record_fields,
     quantize_rotated_blocks,
@@ -45,6 +46,7 @@ def quantize_blocks(k: torch.Tensor, v: torch.Tensor, cfg: KVarNConfig) -> torch
         raise TypeError("k and v must be torch tensors")
     if k.dtype != torch.float16 or v.dtype != torch.float16:
         raise TypeError(f"k and v must be float16, got {k.dtype} and {v.dtype}")
+    _check_blocks(k, v, cfg)    # before rotating: a bad cfg or head_dim gets its own message
     return quantize_rotated_blocks(to_cache_frame(k, cfg), to_cache_frame(v, cfg), cfg)
 
 

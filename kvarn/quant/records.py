@@ -118,6 +118,8 @@ def quantize_rotated_blocks(k_rot: torch.Tensor, v_rot: torch.Tensor, cfg: KVarN
     """Already-rotated fp16 blocks [n, G, H, D] -> records uint8 [n, H, record_bytes]."""
     _check_blocks(k_rot, v_rot, cfg)
     n, g, h, d = k_rot.shape
+    if n * h == 0:
+        return k_rot.new_zeros((n, h, cfg.record_bytes), dtype=torch.uint8)
     k_tiles = k_rot.float().permute(0, 2, 3, 1).reshape(n * h, d, g)
     v_tiles = v_rot.float().permute(0, 2, 1, 3).reshape(n * h, g, d)
     rec = pack_record_fields(quantize_tiles(k_tiles, v_tiles, cfg), cfg)
@@ -132,7 +134,7 @@ def dequantize_rotated_blocks(records: torch.Tensor, cfg: KVarNConfig, dtype=tor
             f"{cfg.head_dim}, got {records.dtype} {tuple(records.shape)}"
         )
     n, h, _ = records.shape
-    k, v = reconstruct_tiles(unpack_record_fields(records.reshape(n * h, -1), cfg))
+    k, v = reconstruct_tiles(unpack_record_fields(records.reshape(n * h, cfg.record_bytes), cfg))
     g, d = cfg.group_size, cfg.head_dim
     k = k.reshape(n, h, g, d).transpose(1, 2)
     v = v.reshape(n, h, g, d).transpose(1, 2)
