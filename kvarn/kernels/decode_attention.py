@@ -1,0 +1,487 @@
+"""Fused paged decode attention over a KVarN (or fp16) cache, split-K.
+
+    out = paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg)
+        q            fp16  [B, Hq, D]            one new token per sequence, cache frame
+        kv_fp16      fp16  [2, nfp, Hkv, G, D]   sink and tail blocks (K at [0], V at [1])
+        records      uint8 [nrec, Hkv, RB]       KVarN records; None with cfg=None (fp16 cache)
+        block_tables int32 [B, max_blocks]       logical block -> physical id
+        context_lens int32 [B]                   N, the new token included
+        out          fp16  [B, Hq, D]
+
+Semantics are ``ref_paged_decode_attention``'s; which logical blocks are records and
+which fp16 follows from N alone (layout diagram: kvarn/kernels/reference.py). The
+shared tile math (``_fp16_tile``, ``_record_tile``) is reused by extend_attention.py.
+
+Dequantization is folded into the attention (KVARN_FORMAT.md, Reading): with
+K[t,d] = (ck[d,t] ks[d] + kz[d]) kt[t] and V[t,d] = (cv[t,d] vs[t] + vz[t]) vc[d],
+
+    s[h,t]   = kt[t] * ( sum_d (q[h,d] ks[d]) ck[d,t]  +  sum_d q[h,d] kz[d] )
+                              tl.dot on fp16 codes          rank-1 term, per row h
+    o[h,d]  += vc[d] * ( sum_t (p[h,t] vs[t]) cv[t,d]  +  sum_t p[h,t] vz[t] )
+
+so a record is read once, as codes, and never expanded to fp16 K/V in memory.
+
+Tiling (grid and work split):
+
+    grid = (B * Hkv, num_splits)     one program: one sequence, one KV head, and all
+                                     QH = Hq / Hkv query heads of that KV head, padded
+                                     to BLOCK_H = 16 (the smallest wgmma N)
+    logical blocks of sequence b:   0 | 1 ...... n_rec | n_rec+1 ... n_blocks-1
+                                   sink   records         fp16 tail
+    split s takes blocks [s*bps, (s+1)*bps), bps = cdiv(n_blocks, num_splits), computed
+    in-kernel from N (ragged batches balance per sequence; splits past the end idle).
+    Each split runs three loops: the sink block (if in range), the records (branch-free,
+    so Triton software-pipelines their loads), the fp16 tail blocks.
+
+    Everything is transposed so that the long side is the wgmma M dimension and the few
+    query heads are N:
+
+        fp16 piece (BLOCK_N keys)        s^T [BLOCK_N, 16] = K [BLOCK_N, D] @ q^T [D, 16]
+                                         acc [D, 16]      += V^T [D, BLOCK_N] @ p [BLOCK_N, 16]
+        record, per 64-token piece       s^T [64, 16]     = codesK^T [64, D] @ (q*ks)^T [D, 16]
+                                         acc [D, 16]      += codesV^T [D, 64] @ (p*vs) [64, 16]
+
+    A record's codes are unpacked 2 per int32 op into a permuted order (``_code_order``):
+    score row i is token k_tok[i] and acc row c is channel v_chan[c]; scales are loaded
+    in the same order, and the output store un-permutes the channels.
+    With split-K each program writes (acc / l, m + log2 l) per split to fp32 scratch and
+    a merge kernel combines them. Scores are kept in log2 units (q pre-scaled by
+    sm_scale * log2 e).
+
+No host synchronisation and a grid that depends only on shapes and Python ints: the
+call can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kvarn.format import KVarNConfig
+
+LOG2E = 1.4426950408889634
+# Two fp16 1024.0 bit patterns; see _code_pair.
+FP16_MAGIC = 0x64006400
+
+
+@triton.jit
+def _code_pair(w, MASK: tl.constexpr, SCALE: tl.constexpr, CENTER: tl.constexpr, magic):
+    """Two codes (one per 16-bit half of w, at bit offset log2(SCALE)) -> fp16 c - CENTER.
+
+    (w & MASK) | 0x64006400 reads, per half, as the fp16 1024 + SCALE * c (mantissa
+    bits; SCALE * c < 1024), so x / SCALE - (1024 / SCALE + CENTER) = c - CENTER
+    exactly: integer ops and one fp16 fma, no int->float conversion. ``magic``
+    (0x64006400) comes in as a run-time value so that ptxas keeps it in a register
+    and fuses and+or into one LOP3. Centering the codes (CENTER = 2^(bits-1)) keeps
+    the fp16 rounding of the other dot operand from scaling with the mean code.
+    """
+    p = (w & MASK) | magic
+    lo = p.to(tl.int16).to(tl.float16, bitcast=True)
+    hi = (p >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    OFF: tl.constexpr = 1024.0 / SCALE + CENTER
+    return lo * (1.0 / SCALE) - OFF, hi * (1.0 / SCALE) - OFF
+
+
+@triton.jit
+def _cat4(x0, x1, x2, x3):
+    """[R, N] x 4 -> [R, N, 4], element [..., k] = x_k."""
+    y = tl.join(tl.join(x0, x2), tl.join(x1, x3))
+    return tl.reshape(y, (x0.shape[0], x0.shape[1], 4))
+
+
+@triton.jit
+def _cat8(x0, x1, x2, x3, x4, x5, x6, x7):
+    """[R, N] x 8 -> [R, N, 8], element [..., k] = x_k."""
+    y = tl.join(_cat4(x0, x2, x4, x6), _cat4(x1, x3, x5, x7))
+    return tl.reshape(y, (x0.shape[0], x0.shape[1], 8))
+
+
+@triton.jit
+def _unpack_words(w, BITS: tl.constexpr, magic):
+    """Code words w [R, NW] (int32, P = 32/BITS codes each) -> fp16 c - 2^(BITS-1), [R, NW*P].
+
+    Output column c holds code code_order(c) of the row (see ``_code_order``): each
+    int32 yields the pair (k, k + P/2), kept adjacent so no register is repacked.
+    """
+    R: tl.constexpr = w.shape[0]
+    NW: tl.constexpr = w.shape[1]
+    C: tl.constexpr = 1 << (BITS - 1)
+    if BITS == 4:
+        w8 = w >> 8
+        l0, h0 = _code_pair(w, 0x000F000F, 1, C, magic)
+        l1, h1 = _code_pair(w, 0x00F000F0, 16, C, magic)
+        l2, h2 = _code_pair(w8, 0x000F000F, 1, C, magic)
+        l3, h3 = _code_pair(w8, 0x00F000F0, 16, C, magic)
+        c = tl.join(_cat4(l0, l1, l2, l3), _cat4(h0, h1, h2, h3))
+        return tl.reshape(c, (R, NW * 8))
+    else:
+        w10 = w >> 10
+        l0, h0 = _code_pair(w, 0x00030003, 1, C, magic)
+        l1, h1 = _code_pair(w, 0x000C000C, 4, C, magic)
+        l2, h2 = _code_pair(w, 0x00300030, 16, C, magic)
+        l3, h3 = _code_pair(w, 0x00C000C0, 64, C, magic)
+        l4, h4 = _code_pair(w, 0x03000300, 256, C, magic)
+        l5, h5 = _code_pair(w10, 0x00030003, 1, C, magic)
+        l6, h6 = _code_pair(w10, 0x000C000C, 4, C, magic)
+        l7, h7 = _code_pair(w10, 0x00300030, 16, C, magic)
+        c = tl.join(_cat8(l0, l1, l2, l3, l4, l5, l6, l7), _cat8(h0, h1, h2, h3, h4, h5, h6, h7))
+        return tl.reshape(c, (R, NW * 16))
+
+
+@triton.jit
+def _code_order(N: tl.constexpr, BITS: tl.constexpr):
+    """[N] original index of each column ``_unpack_words`` produces.
+
+    word j, column c = P*j + 2k + h  <-  code P*j + k + (P/2)*h   (P = 32 / BITS)
+    """
+    P: tl.constexpr = 32 // BITS
+    c = tl.arange(0, N)
+    return (c // P) * P + (c % P) // 2 + (c % 2) * (P // 2)
+
+
+@triton.jit
+def _online_softmax(s, m, l):
+    """Scores s [keys, rows] in log2 units; running max m and sum l over keys, per row."""
+    m_new = tl.maximum(m, tl.max(s, axis=0))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[None, :])
+    l = l * alpha + tl.sum(p, axis=0)
+    return p, alpha, m_new, l
+
+
+@triton.jit
+def _fp16_tile(acc, m, l, q16, k_ptr, v_ptr, t0, row_pos, n_ctx,
+               G: tl.constexpr, D: tl.constexpr, V_PERM: tl.constexpr):
+    """G consecutive keys [G, D] of an fp16 block (K at k_ptr, V at v_ptr), at positions t0 + [0, G).
+
+    Transposed orientation: q16 [D, R] (query rows are columns), acc [D, R].
+    Key t is visible to row r iff t <= row_pos[r] (causal; decode: row_pos = N - 1).
+    V rows at or past n_ctx were never written: masked to 0 so garbage cannot turn
+    p = 0 into NaN. V_PERM = P > 0: acc rows are in the channel order of P-code words
+    (``_code_order``), the order a KVarN record's V codes come in.
+    """
+    offs_t = tl.arange(0, G)
+    offs_d = tl.arange(0, D)
+    key = t0 + offs_t
+    tile = offs_t[:, None] * D + offs_d[None, :]
+    k = tl.load(k_ptr + tile)
+    s = tl.dot(k, q16)                                                   # [G, R]
+    s = tl.where(key[:, None] <= row_pos[None, :], s, float("-inf"))
+    p, alpha, m, l = _online_softmax(s, m, l)
+    v = tl.load(v_ptr + tile, mask=(key < n_ctx)[:, None], other=0.0)
+    if V_PERM > 0:   # channel P*j + (P/2)*h + k -> column P*j + 2k + h
+        v = tl.reshape(tl.permute(tl.reshape(v, (G, D // V_PERM, 2, V_PERM // 2)), (0, 1, 3, 2)), (G, D))
+    acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype))
+    return acc, m, l
+
+
+@triton.jit
+def _fp16_blocks(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb, j0, j1, row_pos, n_ctx,
+                 G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, V_PERM: tl.constexpr):
+    """fp16 sub-tiles j0 .. j1-1 of BLOCK_N keys each (block j // (G / BLOCK_N)).
+
+    An fp16 block is walked in BLOCK_N-key pieces so that two pipeline stages of K and
+    V tiles fit in shared memory at D = 128/256 (2 * 2 * G * D * 2 bytes would not).
+    """
+    SUB: tl.constexpr = G // BLOCK_N
+    for j in range(j0, j1):
+        blk = tl.load(bt + j // SUB).to(tl.int64)
+        k_ptr = fp_head + blk * stride_fb + (j % SUB) * (BLOCK_N * D)
+        acc, m, l = _fp16_tile(acc, m, l, q16, k_ptr, k_ptr + stride_kv, j * BLOCK_N, row_pos, n_ctx,
+                               BLOCK_N, D, V_PERM)
+    return acc, m, l
+
+
+@triton.jit
+def _record_tile(acc, m, l, qf, rec, k_tok, v_chan, magic, G: tl.constexpr, D: tl.constexpr,
+                 K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+                 OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KZ: tl.constexpr,
+                 OFF_KT: tl.constexpr, OFF_VC: tl.constexpr, OFF_VCH: tl.constexpr,
+                 OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr):
+    """One KVarN record, every key visible to every row; dequantization folded in.
+
+    Transposed orientation: qf [D, R] fp32 (scaled), acc [D, R]. Codes enter the dots
+    centered (c - 2^(bits-1)); the zero points absorb the shift. The record's G tokens
+    go through in HALF = 64-token pieces (one wgmma M tile; Triton 3.6 miscompiles the
+    shared-memory store of a [128, 16] wgmma accumulator, the p of a whole G = 128
+    record). The codes come out of ``_unpack_words`` in a permuted order, which the tile
+    keeps throughout: score row i of piece h is token h * HALF + k_tok[i], acc row c is
+    channel v_chan[c].
+
+        s^T [HALF, R] = codes_K^T [HALF, D] @ (q * ks)^T [D, R]     wgmma, M = 64
+        o^T [D, R]    = codes_V^T [D, HALF] @ (p * vs)   [HALF, R]  wgmma, M = D
+    """
+    offs_d = tl.arange(0, D)
+    rec16 = rec.to(tl.pointer_type(tl.float16))
+    rec32 = rec.to(tl.pointer_type(tl.int32))
+    HALF: tl.constexpr = k_tok.shape[0]
+    KW: tl.constexpr = G * K_BITS // 32                                 # code words per K row
+    KWH: tl.constexpr = HALF * K_BITS // 32
+    VW: tl.constexpr = D * V_BITS // 32                                 # code words per V row
+    ks = tl.load(rec16 + OFF_KS // 2 + offs_d).to(tl.float32)
+    kz = tl.load(rec16 + OFF_KZ // 2 + offs_d).to(tl.float32) + (1 << (K_BITS - 1)) * ks
+    qs = (qf * ks[:, None]).to(tl.float16)
+    zk = tl.sum(qf * kz[:, None], axis=0)
+    vch = tl.load(rec16 + OFF_VCH // 2 + v_chan).to(tl.float32)
+    for h in tl.static_range(G // HALF):
+        tok = h * HALF + k_tok
+        kt = tl.load(rec16 + OFF_KT // 2 + tok).to(tl.float32)
+        kw = tl.load(rec32 + OFF_KC // 4 + offs_d[:, None] * KW + h * KWH + tl.arange(0, KWH)[None, :])
+        kc = _unpack_words(kw, K_BITS, magic)                          # [D, HALF]
+        s = (tl.dot(tl.trans(kc), qs) + zk[None, :]) * kt[:, None]   # [HALF, R]
+        p, alpha, m, l = _online_softmax(s, m, l)
+        vs = tl.load(rec16 + OFF_VS // 2 + tok).to(tl.float32)
+        vz = tl.load(rec16 + OFF_VZ // 2 + tok).to(tl.float32) + (1 << (V_BITS - 1)) * vs
+        vw = tl.load(rec32 + OFF_VC // 4 + tok[:, None] * VW + tl.arange(0, VW)[None, :])
+        vc = _unpack_words(vw, V_BITS, magic)                          # [HALF, D]
+        o = tl.dot(tl.trans(vc), (p * vs[:, None]).to(tl.float16))     # [D, R]
+        pz = tl.sum(p * vz[:, None], axis=0)
+        acc = acc * alpha[None, :] + (o + pz[None, :]) * vch[:, None]
+    return acc, m, l
+
+
+@triton.jit
+def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, plse_ptr,
+                   qk_scale, magic,
+                   stride_qb, stride_qh, stride_kv, stride_fb, stride_fh,
+                   stride_rb, stride_rh, stride_bt, stride_ob, stride_oh,
+                   HKV, HQ, num_splits,
+                   QH: tl.constexpr, BLOCK_H: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
+                   REC_SUB: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, IS_KVARN: tl.constexpr,
+                   K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+                   OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KZ: tl.constexpr,
+                   OFF_KT: tl.constexpr, OFF_VC: tl.constexpr, OFF_VCH: tl.constexpr,
+                   OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // HKV
+    kvh = pid % HKV
+    n_ctx = tl.load(ctx_ptr + b)
+    n_blocks = tl.cdiv(n_ctx, G)
+    bps = tl.cdiv(n_blocks, num_splits)
+    start = split * bps
+    end = tl.minimum(start + bps, n_blocks)
+
+    rows = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, D)
+    row_ok = rows < QH
+    head = kvh * QH + rows
+    V_PERM: tl.constexpr = 32 // V_BITS if IS_KVARN else 0
+    if IS_KVARN:
+        k_tok = _code_order(REC_SUB, K_BITS)
+        v_chan = _code_order(D, V_BITS)
+    else:
+        k_tok = tl.arange(0, REC_SUB)
+        v_chan = offs_d
+    q = tl.load(q_ptr + b * stride_qb + head[None, :] * stride_qh + offs_d[:, None],
+                mask=row_ok[None, :], other=0.0)                              # [D, BLOCK_H]
+    qf = q.to(tl.float32) * qk_scale
+    q16 = qf.to(q.dtype)
+    row_pos = tl.zeros([BLOCK_H], tl.int32) + (n_ctx - 1)
+    m = tl.full([BLOCK_H], -1.0e30, tl.float32)
+    l = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([D, BLOCK_H], tl.float32)
+
+    bt = bt_ptr + b.to(tl.int64) * stride_bt
+    fp_head = kv_ptr + kvh.to(tl.int64) * stride_fh
+    n_rec = 0
+    if IS_KVARN:
+        n_rec = tl.maximum((n_ctx - 1) // G - 1, 0)
+    SUB: tl.constexpr = G // BLOCK_N
+    last_sub = tl.cdiv(n_ctx, BLOCK_N)                               # sub-tiles holding keys
+    acc, m, l = _fp16_blocks(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb,      # the sink
+                             start * SUB, tl.minimum(tl.minimum(end, 1) * SUB, last_sub),
+                             row_pos, n_ctx, G, BLOCK_N, D, V_PERM)
+    if IS_KVARN:
+        rec_head = rec_ptr + kvh.to(tl.int64) * stride_rh
+        for i in range(tl.maximum(start, 1), tl.minimum(end, n_rec + 1)):
+            blk = tl.load(bt + i).to(tl.int64)
+            acc, m, l = _record_tile(acc, m, l, qf, rec_head + blk * stride_rb, k_tok, v_chan, magic,
+                                     G, D, K_BITS, V_BITS, OFF_KC, OFF_KS, OFF_KZ, OFF_KT,
+                                     OFF_VC, OFF_VCH, OFF_VS, OFF_VZ)
+    acc, m, l = _fp16_blocks(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb,      # the tail
+                             tl.maximum(start, n_rec + 1) * SUB, tl.minimum(end * SUB, last_sub),
+                             row_pos, n_ctx, G, BLOCK_N, D, V_PERM)
+
+    l_safe = tl.where(l > 0, l, 1.0)
+    o = acc / l_safe[None, :]                                            # [D, BLOCK_H]
+    if not SPLIT:
+        tl.store(out_ptr + b * stride_ob + head[None, :] * stride_oh + v_chan[:, None],
+                 o.to(out_ptr.dtype.element_ty), mask=row_ok[None, :])
+    else:
+        part = (b * HQ + head) * num_splits + split
+        live = row_ok & (start < end)
+        tl.store(po_ptr + part[None, :] * D + v_chan[:, None], o, mask=live[None, :])
+        tl.store(plse_ptr + part, m + tl.log2(l_safe), mask=live)
+
+
+@triton.jit
+def _merge_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, HQ, num_splits,
+                  G: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr):
+    """out[b, h] = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) over the splits that ran."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    n_ctx = tl.load(ctx_ptr + b)
+    n_blocks = tl.cdiv(n_ctx, G)
+    bps = tl.maximum(tl.cdiv(n_blocks, num_splits), 1)
+    n_used = tl.cdiv(n_blocks, bps)
+    s = tl.arange(0, SPLITS_P2)
+    offs_d = tl.arange(0, D)
+    ok = s < n_used
+    part = (b * HQ + h) * num_splits + s
+    lse = tl.load(plse_ptr + part, mask=ok, other=float("-inf"))
+    mx = tl.max(lse, axis=0)
+    mx = tl.where(n_used > 0, mx, 0.0)
+    w = tl.where(ok, tl.exp2(lse - mx), 0.0)
+    o = tl.load(po_ptr + part[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+    den = tl.sum(w, axis=0)
+    res = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def fp16_block_n(g: int, d: int) -> int:
+    """Keys per fp16 sub-tile: 16 KB of K (and of V) per pipeline stage."""
+    return max(16, min(g, 8192 // d))
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int, device: torch.device) -> int:
+    """Split-K factor from shapes alone: about 4 programs per SM, >= 2 blocks per split.
+
+    H100 sweep (benchmarks/NOTES.md): B=1, N=4K best at 16 splits (2 blocks each,
+    0.023 ms vs 0.031 at 8); B=1, N=128K flat from 32 to 128; B=64, N=16K flat 1-4.
+    """
+    want = triton.cdiv(4 * _sm_count(device), max(batch * num_kv_heads, 1))
+    return max(1, min(want, triton.cdiv(max_blocks, 2), 64))
+
+
+def check_paged_args(q, kv_fp16, records, block_tables, context_lens, cfg, q_dims: int):
+    """Shared argument checks of the paged attention wrappers; returns (Hkv, G, D)."""
+    if q.dim() != q_dims:
+        raise ValueError(f"q must have {q_dims} dims, got {tuple(q.shape)}")
+    if kv_fp16.dim() != 5 or kv_fp16.shape[0] != 2:
+        raise ValueError(f"kv_fp16 must be [2, nfp, Hkv, G, D], got {tuple(kv_fp16.shape)}")
+    _, _, hkv, g, d = kv_fp16.shape
+    if q.shape[-1] != d:
+        raise ValueError(f"q head_dim {q.shape[-1]} != cache head_dim {d}")
+    if q.shape[-2] % hkv:
+        raise ValueError(f"{q.shape[-2]} query heads are not a multiple of {hkv} KV heads")
+    if d & (d - 1) or g & (g - 1) or d < 16 or g < 16:
+        raise ValueError(f"G ({g}) and head_dim ({d}) must be powers of two >= 16")
+    if kv_fp16.stride(-1) != 1 or kv_fp16.stride(-2) != d:
+        raise ValueError("kv_fp16's (G, D) tiles must be contiguous")
+    if q.stride(-1) != 1:
+        raise ValueError("q's last dim must be contiguous")
+    if cfg is None:
+        if records is not None:
+            raise ValueError("records given without a KVarNConfig")
+        if kv_fp16.dtype not in (torch.float16, torch.bfloat16) or q.dtype != kv_fp16.dtype:
+            raise TypeError(f"fp16 cache: q and kv_fp16 must share fp16/bf16, got {q.dtype} and {kv_fp16.dtype}")
+    else:
+        if not isinstance(cfg, KVarNConfig):
+            raise TypeError(f"cfg must be a KVarNConfig or None, got {type(cfg).__name__}")
+        if (g, d) != (cfg.group_size, cfg.head_dim):
+            raise ValueError(f"cache blocks G={g}, head_dim={d} do not match {cfg.name} "
+                             f"(G={cfg.group_size}, head_dim={cfg.head_dim})")
+        if q.dtype != torch.float16 or kv_fp16.dtype != torch.float16:
+            raise TypeError(f"the KVarN path computes in fp16: q and kv_fp16 must be float16, "
+                            f"got {q.dtype} and {kv_fp16.dtype}")
+        if (records is None or records.dtype != torch.uint8 or records.dim() != 3
+                or records.shape[1] != hkv or records.shape[2] != cfg.record_bytes
+                or records.stride(-1) != 1):
+            raise ValueError(f"records must be uint8 [nrec, {hkv}, {cfg.record_bytes}] with "
+                             f"contiguous records, got "
+                             f"{None if records is None else (records.dtype, tuple(records.shape))}")
+    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.stride(-1) != 1:
+        raise ValueError(f"block_tables must be int32 [B, max_blocks] with contiguous rows, got "
+                         f"{block_tables.dtype} {tuple(block_tables.shape)}")
+    if context_lens.dtype != torch.int32 or context_lens.dim() != 1 or not context_lens.is_contiguous():
+        raise ValueError(f"context_lens must be contiguous int32 [B], got {context_lens.dtype} "
+                         f"{tuple(context_lens.shape)}")
+    for t, name in ((kv_fp16, "kv_fp16"), (block_tables, "block_tables"), (context_lens, "context_lens")):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+    return hkv, g, d
+
+
+def record_constexprs(cfg: KVarNConfig | None) -> dict:
+    if cfg is None:
+        return dict(IS_KVARN=False, K_BITS=4, V_BITS=4, OFF_KC=0, OFF_KS=0, OFF_KZ=0, OFF_KT=0,
+                    OFF_VC=0, OFF_VCH=0, OFF_VS=0, OFF_VZ=0)
+    o = cfg.offsets
+    return dict(IS_KVARN=True, K_BITS=cfg.k_bits, V_BITS=cfg.v_bits,
+                OFF_KC=o["k_codes"], OFF_KS=o["k_scale"], OFF_KZ=o["k_zero"], OFF_KT=o["k_tok"],
+                OFF_VC=o["v_codes"], OFF_VCH=o["v_chan"], OFF_VS=o["v_scale"], OFF_VZ=o["v_zero"])
+
+
+def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg: KVarNConfig | None,
+                           sm_scale: float | None = None, num_splits: int | None = None,
+                           out: torch.Tensor | None = None, num_warps: int | None = None,
+                           num_stages: int | None = None, block_h: int | None = None,
+                           rec_sub: int | None = None) -> torch.Tensor:
+    """Decode attention: q [B, Hq, D] (cache frame) -> [B, Hq, D], ``ref_paged_decode_attention`` semantics.
+
+    cfg None (records None) reads an fp16 (or bf16) cache with the same kernel.
+    num_splits: split-K factor (a Python int; default from shapes and the SM count).
+    out: a preallocated [B, Hq, D] output (CUDA graphs). Launch knobs for benchmarks:
+    num_warps / num_stages, block_h (query-head rows, >= 16), rec_sub (record tokens
+    per wgmma piece, default 64: a whole 128-token record miscompiles on Triton 3.6).
+    """
+    hkv, g, d = check_paged_args(q, kv_fp16, records, block_tables, context_lens, cfg, 3)
+    bsz, hq, _ = q.shape
+    if block_tables.shape[0] != bsz or context_lens.shape[0] != bsz:
+        raise ValueError(f"batch {bsz}: block_tables {tuple(block_tables.shape)}, "
+                         f"context_lens {tuple(context_lens.shape)}")
+    qh = hq // hkv
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {q.dtype} {tuple(q.shape)} with a contiguous last dim")
+    if bsz == 0:
+        return out
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    if num_splits is None:
+        num_splits = default_num_splits(bsz, hkv, block_tables.shape[1], q.device)
+    num_splits = max(1, int(num_splits))
+    block_h = max(16, triton.next_power_of_2(qh), block_h or 0)
+    if num_splits > 1:
+        po = torch.empty(bsz, hq, num_splits, d, dtype=torch.float32, device=q.device)
+        plse = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        po = plse = out
+    rec = records if records is not None else kv_fp16
+    srb, srh = (records.stride(0), records.stride(1)) if records is not None else (0, 0)
+    if num_warps is None:
+        # G = 64 records at 4 warps hit a Triton 3.6 shared-memory miscompile (illegal
+        # address on an H100, 2026-11); 8 warps was verified there.
+        num_warps = 4 if d <= 128 and (cfg is None or g > 64) else 8
+    if num_stages is None:
+        num_stages = 2
+    _decode_kernel[(bsz * hkv, num_splits)](
+        q, kv_fp16, rec, block_tables, context_lens, out, po, plse,
+        scale * LOG2E, FP16_MAGIC,
+        q.stride(0), q.stride(1), kv_fp16.stride(0), kv_fp16.stride(1), kv_fp16.stride(2),
+        srb, srh, block_tables.stride(0), out.stride(0), out.stride(1),
+        hkv, hq, num_splits,
+        QH=qh, BLOCK_H=block_h, G=g, BLOCK_N=fp16_block_n(g, d), REC_SUB=rec_sub or min(g, 64), D=d,
+        SPLIT=num_splits > 1,
+        **record_constexprs(cfg),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _merge_kernel[(bsz, hq)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq, num_splits,
+                                 G=g, D=d, SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4)
+    return out

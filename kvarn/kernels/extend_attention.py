@@ -1,0 +1,162 @@
+"""Paged extend (chunked prefill) attention over a partly quantized KVarN or fp16 cache.
+
+    out = paged_extend_attention(q, kv_fp16, records, block_tables, context_lens, cu_seqlens_q, cfg)
+        q             fp16  [T_total, Hq, D]   new tokens of every sequence (varlen), cache frame
+        kv_fp16       fp16  [2, nfp, Hkv, G, D]  (new tokens' K/V already written there)
+        records       uint8 [nrec, Hkv, RB]    None with cfg=None (fp16 cache)
+        block_tables  int32 [B, max_blocks];  context_lens int32 [B] (N, new tokens included)
+        cu_seqlens_q  int32 [B+1]: sequence b's queries are q[cu[b]:cu[b+1]] (T_b of them)
+        out           fp16  [T_total, Hq, D]
+
+Semantics are ``ref_paged_attention``'s: query i of sequence b sits at position
+N - T_b + i and sees keys at positions <= its own. Which blocks are records follows
+from the prefix N - T_b (layout diagram: kvarn/kernels/reference.py); the tile math is
+decode_attention.py's (``_fp16_tile``, ``_record_tile``).
+
+Tiling:
+
+    grid = (cdiv(max_q_len, BLOCK_T), Hkv, B)
+    one program: BLOCK_T consecutive new tokens of one sequence x the QH query heads of
+    one KV head, flattened token-major into BLOCK_M = BLOCK_T * QH (padded) tile rows:
+
+        row r -> token i = pid_q * BLOCK_T + r // QH, head kvh * QH + r % QH,
+                 position prefix + i
+
+        keys:  block 0 (sink, fp16) | records 1 .. n_rec | fp16 blocks .. last needed
+               n_rec = max(prefix // G - 1, 0)              ^ (prefix + last token) // G
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kvarn.format import KVarNConfig
+from kvarn.kernels.decode_attention import (
+    FP16_MAGIC,
+    LOG2E,
+    _code_order,
+    _fp16_blocks,
+    _record_tile,
+    check_paged_args,
+    fp16_block_n,
+    record_constexprs,
+)
+
+
+@triton.jit
+def _extend_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, cu_ptr, out_ptr, qk_scale, magic,
+                   stride_qt, stride_qh, stride_kv, stride_fb, stride_fh,
+                   stride_rb, stride_rh, stride_bt, stride_ot, stride_oh,
+                   QH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+                   G: tl.constexpr, BLOCK_N: tl.constexpr, REC_SUB: tl.constexpr, D: tl.constexpr,
+                   IS_KVARN: tl.constexpr,
+                   K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+                   OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KZ: tl.constexpr,
+                   OFF_KT: tl.constexpr, OFF_VC: tl.constexpr, OFF_VCH: tl.constexpr,
+                   OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr):
+    pid_q = tl.program_id(0)
+    kvh = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(cu_ptr + b)
+    n_q = tl.load(cu_ptr + b + 1) - q_start
+    n_ctx = tl.load(ctx_ptr + b)
+    prefix = n_ctx - n_q
+
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    tok = pid_q * BLOCK_T + rows // QH
+    head = kvh * QH + rows % QH
+    row_ok = (rows < BLOCK_T * QH) & (tok < n_q)
+    row_pos = prefix + tl.minimum(tok, n_q - 1)
+    V_PERM: tl.constexpr = 32 // V_BITS if IS_KVARN else 0
+    if IS_KVARN:
+        k_tok = _code_order(REC_SUB, K_BITS)
+        v_chan = _code_order(D, V_BITS)
+    else:
+        k_tok = tl.arange(0, REC_SUB)
+        v_chan = offs_d
+    q = tl.load(q_ptr + (q_start + tok)[None, :].to(tl.int64) * stride_qt
+                + head[None, :] * stride_qh + offs_d[:, None], mask=row_ok[None, :], other=0.0)
+    qf = q.to(tl.float32) * qk_scale                                 # [D, BLOCK_M]
+    q16 = qf.to(q.dtype)
+    m = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([D, BLOCK_M], tl.float32)
+
+    last_tok = tl.minimum((pid_q + 1) * BLOCK_T, n_q) - 1
+    end = tl.where(pid_q * BLOCK_T < n_q, (prefix + last_tok) // G + 1, 0)
+    bt = bt_ptr + b.to(tl.int64) * stride_bt
+    fp_head = kv_ptr + kvh.to(tl.int64) * stride_fh
+    n_rec = 0
+    if IS_KVARN:
+        n_rec = tl.maximum(prefix // G - 1, 0)
+    SUB: tl.constexpr = G // BLOCK_N
+    last_sub = tl.where(pid_q * BLOCK_T < n_q, (prefix + last_tok) // BLOCK_N + 1, 0)
+    acc, m, l = _fp16_blocks(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb,      # the sink
+                             0, tl.minimum(tl.minimum(end, 1) * SUB, last_sub),
+                             row_pos, n_ctx, G, BLOCK_N, D, V_PERM)
+    if IS_KVARN:
+        rec_head = rec_ptr + kvh.to(tl.int64) * stride_rh
+        for i in range(1, tl.minimum(end, n_rec + 1)):
+            blk = tl.load(bt + i).to(tl.int64)
+            acc, m, l = _record_tile(acc, m, l, qf, rec_head + blk * stride_rb, k_tok, v_chan, magic,
+                                     G, D, K_BITS, V_BITS, OFF_KC, OFF_KS, OFF_KZ, OFF_KT,
+                                     OFF_VC, OFF_VCH, OFF_VS, OFF_VZ)
+    acc, m, l = _fp16_blocks(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb,      # fp16, causal
+                             (n_rec + 1) * SUB, last_sub, row_pos, n_ctx, G, BLOCK_N, D, V_PERM)
+
+    o = acc / tl.where(l > 0, l, 1.0)[None, :]
+    tl.store(out_ptr + (q_start + tok)[None, :].to(tl.int64) * stride_ot
+             + head[None, :] * stride_oh + v_chan[:, None],
+             o.to(out_ptr.dtype.element_ty), mask=row_ok[None, :])
+
+
+def paged_extend_attention(q, kv_fp16, records, block_tables, context_lens, cu_seqlens_q,
+                           cfg: KVarNConfig | None, sm_scale: float | None = None,
+                           max_q_len: int | None = None, block_m: int | None = None,
+                           num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    """Causal attention of new tokens q [T_total, Hq, D] over paged caches -> [T_total, Hq, D].
+
+    ``ref_paged_attention`` semantics. max_q_len (a Python int) sizes the grid; without
+    it the wrapper reads cu_seqlens_q back from the device (one sync).
+    """
+    hkv, g, d = check_paged_args(q, kv_fp16, records, block_tables, context_lens, cfg, 3)
+    t_total, hq, _ = q.shape
+    bsz = context_lens.shape[0]
+    if block_tables.shape[0] != bsz or cu_seqlens_q.shape != (bsz + 1,):
+        raise ValueError(f"batch {bsz}: block_tables {tuple(block_tables.shape)}, "
+                         f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} (want [{bsz + 1}])")
+    if cu_seqlens_q.dtype != torch.int32 or not cu_seqlens_q.is_contiguous() or cu_seqlens_q.device != q.device:
+        raise ValueError(f"cu_seqlens_q must be contiguous int32 on {q.device}, got {cu_seqlens_q.dtype}")
+    out = torch.empty_like(q)
+    if bsz == 0 or t_total == 0:
+        return out
+    if max_q_len is None:
+        max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    if max_q_len <= 0:
+        return out
+    qh = hq // hkv
+    if block_m is None:
+        block_m = 64 if d <= 128 else 32
+    block_m = max(16, triton.next_power_of_2(qh), block_m)
+    block_t = block_m // qh
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    rec = records if records is not None else kv_fp16
+    srb, srh = (records.stride(0), records.stride(1)) if records is not None else (0, 0)
+    if num_warps is None:
+        num_warps = 8
+    if num_stages is None:
+        num_stages = 2
+    grid = (triton.cdiv(max_q_len, block_t), hkv, bsz)
+    _extend_kernel[grid](
+        q, kv_fp16, rec, block_tables, context_lens, cu_seqlens_q, out, scale * LOG2E, FP16_MAGIC,
+        q.stride(0), q.stride(1), kv_fp16.stride(0), kv_fp16.stride(1), kv_fp16.stride(2),
+        srb, srh, block_tables.stride(0), out.stride(0), out.stride(1),
+        QH=qh, BLOCK_M=block_m, BLOCK_T=block_t, G=g, BLOCK_N=fp16_block_n(g, d), REC_SUB=min(g, 64), D=d,
+        **record_constexprs(cfg),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out

@@ -1,0 +1,74 @@
+"""paged_extend_attention against the torch reference (kvarn/kernels/reference.py).
+
+Varlen new tokens over a partly quantized prefix: first chunks (no prefix), chunks
+that start mid-block, decode-like single tokens, prefixes with records. Tolerance as
+in test_decode_attention.py (about twice the error of torch with fp16 inputs).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvarn.format import KVarNConfig
+from kvarn.kernels.extend_attention import paged_extend_attention
+from kvarn.kernels.reference import ref_paged_attention
+from test_decode_attention import (  # noqa: E402  (same folder; pytest puts it on sys.path)
+    DEVICE,
+    assert_close_to_reference,
+    build_paged_cache,
+    fp32_and_fp16_oracles,
+)
+
+
+def run_case(preset, d, qh, lens, q_lens, block_m=None, hkv=2, seed=0, g_fp16=64):
+    cfg = KVarNConfig.from_name(preset, d) if preset else None
+    g = cfg.group_size if cfg else g_fp16
+    kv, records, bt, ctx = build_paged_cache(cfg, lens, q_lens, hkv, d, g, seed=seed)
+    cu = [0]
+    for t in q_lens:
+        cu.append(cu[-1] + t)
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(cu[-1], hkv * qh, d, generator=torch.Generator().manual_seed(seed + 1)).half().to(DEVICE)
+    out = paged_extend_attention(q, kv, records, bt, ctx, cu_t, cfg, block_m=block_m,
+                                 max_q_len=max(q_lens) if seed % 2 else None)
+    ref, t16 = fp32_and_fp16_oracles(q, kv, records, bt, ctx, cu, cfg, 1.0 / math.sqrt(d))
+    assert_close_to_reference(out, ref, t16)
+    ref_op = ref_paged_attention(q.cpu(), kv.cpu(), None if records is None else records.cpu(),
+                                 bt.cpu(), ctx.cpu(), cu_t.cpu(), cfg)
+    assert (ref_op.float() - ref).norm() <= (out.float().cpu() - ref).norm() * 4 + 1e-3
+
+
+# (preset, head_dim, GQA ratio, context lengths N, new tokens T, BLOCK_M)
+CASES = [
+    # first chunk (prefix 0, all fp16, causal inside blocks), a chunk starting mid-block
+    # after records, one token after records, a chunk exactly filling a block
+    ("kvarn_k4v2_g64", 64, 3, [70, 200, 130, 128], [70, 45, 1, 64], 32),
+    ("kvarn_k4v4_g64", 128, 8, [1, 66, 191], [1, 2, 60], 16),
+    ("kvarn_k4v2_g128", 128, 1, [300, 129], [40, 1], None),
+    ("kvarn_k4v4_g128", 256, 3, [260], [3], 16),
+    (None, 64, 3, [70, 130, 5], [70, 3, 2], 32),
+    (None, 128, 1, [200], [67], None),
+]
+
+
+@pytest.mark.parametrize("preset,d,qh,lens,q_lens,block_m", CASES)
+def test_extend_matches_reference(preset, d, qh, lens, q_lens, block_m):
+    run_case(preset, d, qh, lens, q_lens, block_m, seed=len(lens))
+
+
+def test_extend_empty_sequences():
+    """Sequences with no new tokens in the batch are skipped, others unaffected."""
+    run_case("kvarn_k4v2_g64", 64, 2, [130, 70, 65], [0, 6, 0], 16, seed=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset,d,qh,lens,q_lens", [
+    ("kvarn_k4v2_g128", 128, 4, [4096, 9000, 300, 2049], [4096, 517, 1, 2000]),
+    ("kvarn_k4v2_g64", 64, 3, [5000, 64], [1000, 64]),
+    ("kvarn_k4v4_g128", 256, 8, [3000, 129], [257, 1]),
+    (None, 128, 4, [4096, 777], [1024, 700]),
+])
+def test_extend_gpu_large(preset, d, qh, lens, q_lens):
+    run_case(preset, d, qh, lens, q_lens, hkv=4, seed=7)
