@@ -252,7 +252,7 @@ def decode_rows(args, copy_bw, log):
         cmd = [sys.executable, os.path.abspath(__file__), "--one-shape", label, "--out", out,
                "--copy-bw", str(copy_bw)] + (["--check"] if args.check else []) \
             + (["--variants", *args.variants] if args.variants else [])
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=550)
         if r.returncode == 0:
             row = json.load(open(out))
             log(f"{label:14s} kvarn {row['kvarn']['ms']:.4f} ms ({row['kvarn']['TBps']:.2f} TB/s) "
@@ -266,15 +266,25 @@ def decode_rows(args, copy_bw, log):
 
 
 def decode_variants(case: PagedCase) -> list:
-    """KVarN decode under other launch settings (for choosing the defaults)."""
+    """KVarN decode under other launch settings (for choosing the defaults); each variant's
+    output is compared with the default launch's (max abs difference)."""
     from kvarn.kernels.decode_attention import default_num_splits
     base = default_num_splits(case.batch, case.hkv, case.bt.shape[1], case.q.device)
-    configs = [(4, 2, s) for s in sorted({max(1, base // 4), max(1, base // 2), base, base * 2})]
-    configs += [(8, 2, base), (8, 2, base * 2), (4, 3, base), (8, 3, base)]
+    ref = case.run_kvarn().float()
+    # maxnreg 0 = no register cap; None = the default for that launch (default_launch)
+    configs = [(4, 2, s, None) for s in sorted({max(1, base // 2), base, base * 2})]
+    configs += [(4, 2, base, r) for r in (0, 168, 128, 96)] + [(4, 3, base, r) for r in (0, 128)]
+    configs += [(8, 2, base, 0)]
     out = []
-    for warps, stages, splits in configs:
-        ms = bench(lambda: case.run_kvarn(num_warps=warps, num_stages=stages, num_splits=splits), rep=100)
-        out.append({"num_warps": warps, "num_stages": stages, "num_splits": splits, "ms": ms})
+    for warps, stages, splits, maxnreg in configs:
+        kw = dict(num_warps=warps, num_stages=stages, num_splits=splits, maxnreg=maxnreg)
+        try:
+            diff = (case.run_kvarn(**kw).float() - ref).abs().max().item()
+            ms = bench(lambda: case.run_kvarn(**kw), rep=100)
+        except Exception as e:    # a launch that does not compile or fit: record it, go on
+            out.append({**kw, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+            continue
+        out.append({**kw, "ms": ms, "max_abs_diff_vs_default": diff})
     return out
 
 
@@ -343,6 +353,14 @@ DIAG_CASES = {  # name: (kernel, preset or None, lens, q_lens or None, num_split
     "dec_fp16_d256": ("decode", None, [300, 1000], None, 2, 2, 256),
     "ext_kvarn_d64": ("extend", "kvarn_k4v2_g64", [300, 1000], [3, 40], None, 2, 64),
     "ext_kvarn_d256": ("extend", PRESET, [300, 1000], [3, 40], None, 2, 256),
+    # kvarn_k4v4_g64 at D = 256: illegal address at the default 8 warps (Triton 3.6)
+    "dec_g64_d256": ("decode", "kvarn_k4v4_g64", [300, 1000], None, 2, 2, 256),
+    "dec_g64_d256_w4": ("decode", "kvarn_k4v4_g64", [300, 1000], None, 2, 2, 256, {"num_warps": 4}),
+    "dec_g64_d256_rs32": ("decode", "kvarn_k4v4_g64", [300, 1000], None, 2, 2, 256, {"rec_sub": 32}),
+    "dec_g64_d256_bh64": ("decode", "kvarn_k4v4_g64", [300, 1000], None, 2, 2, 256, {"block_h": 64}),
+    "dec_g64_d256_w4_rs32": ("decode", "kvarn_k4v4_g64", [300, 1000], None, 2, 2, 256,
+                             {"num_warps": 4, "rec_sub": 32}),
+    "dec_g64v2_d256": ("decode", "kvarn_k4v2_g64", [300, 1000], None, 2, 2, 256),
 }
 
 
@@ -393,7 +411,7 @@ def diag(names, sanitize_first_failure=True):
     failed = []
     for name in names:
         r = subprocess.run([sys.executable, os.path.abspath(__file__), "--diag-one", name],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=550)
         last = (r.stdout.strip().splitlines() or [""])[-1]
         status = last if r.returncode == 0 else "FAIL " + (r.stderr.strip().splitlines() or ["?"])[-1][:300]
         print(f"diag {name:22s} {status}", flush=True)

@@ -359,13 +359,32 @@ def fp16_block_n(g: int, d: int) -> int:
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int, device: torch.device) -> int:
-    """Split-K factor from shapes alone: about 4 programs per SM, >= 2 blocks per split.
+    """Split-K factor from shapes alone: about 8 programs per SM, >= 2 blocks per split.
 
-    H100 sweep (benchmarks/NOTES.md): B=1, N=4K best at 16 splits (2 blocks each,
-    0.023 ms vs 0.031 at 8); B=1, N=128K flat from 32 to 128; B=64, N=16K flat 1-4.
+    H100 sweeps (benchmarks/NOTES.md): B=1, N=4K best at 16 splits (2 blocks each,
+    0.023 ms vs 0.031 at 8); B=1, N=128K flat from 32 to 128; B=64, N=16K flat 1-4;
+    B=16, N=16K 0.347 ms at 10 vs 0.364 at 5; D=64 9/3 heads B=64, N=16K 0.330 ms at 6
+    vs 0.411 at 3 (with 4 CTAs per SM resident, 4 programs per SM left SMs idle).
     """
-    want = triton.cdiv(4 * _sm_count(device), max(batch * num_kv_heads, 1))
+    want = triton.cdiv(8 * _sm_count(device), max(batch * num_kv_heads, 1))
     return max(1, min(want, triton.cdiv(max_blocks, 2), 64))
+
+
+def default_launch(cfg: KVarNConfig | None, g: int, d: int) -> tuple[int, int | None, int]:
+    """(num_warps, maxnreg, rec_sub) for the decode kernel; H100 sweeps in benchmarks/NOTES.md.
+
+    KVarN G = 128: 4 warps; at D <= 128 a 128-register cap (202 -> 128, a few spills)
+    lets 4 CTAs share an SM instead of 2: B64_N16K 1.46 -> 1.22 ms. At D = 256 the cap
+    spills heavily and 4 warps uncapped is fastest (B16_N16K 0.57 ms at 8 warps -> 0.33).
+    G = 64 records miscompile on Triton 3.6 at 4 warps (illegal address at D = 64, wrong
+    results at D = 256): 8 warps, and at D = 256 32-token record pieces (8 warps with
+    64-token pieces faults there). The fp16 path: 4 warps at D <= 128, else 8.
+    """
+    if cfg is None:
+        return (4 if d <= 128 else 8), None, min(g, 64)
+    if g <= 64:
+        return 8, None, (32 if d >= 256 else min(g, 64))
+    return 4, (128 if d <= 128 else None), 64
 
 
 def check_paged_args(q, kv_fp16, records, block_tables, context_lens, cfg, q_dims: int):
@@ -431,14 +450,17 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
                            sm_scale: float | None = None, num_splits: int | None = None,
                            out: torch.Tensor | None = None, num_warps: int | None = None,
                            num_stages: int | None = None, block_h: int | None = None,
-                           rec_sub: int | None = None) -> torch.Tensor:
+                           rec_sub: int | None = None, maxnreg: int | None = None) -> torch.Tensor:
     """Decode attention: q [B, Hq, D] (cache frame) -> [B, Hq, D], ``ref_paged_decode_attention`` semantics.
 
     cfg None (records None) reads an fp16 (or bf16) cache with the same kernel.
     num_splits: split-K factor (a Python int; default from shapes and the SM count).
     out: a preallocated [B, Hq, D] output (CUDA graphs). Launch knobs for benchmarks:
     num_warps / num_stages, block_h (query-head rows, >= 16), rec_sub (record tokens
-    per wgmma piece, default 64: a whole 128-token record miscompiles on Triton 3.6).
+    per MMA piece, default from ``default_launch``: a whole 128-token record
+    miscompiles on Triton 3.6),
+    maxnreg (a register cap per thread, traded against occupancy; 0 = no cap; default
+    from ``default_launch`` when num_warps is left at its default).
     """
     hkv, g, d = check_paged_args(q, kv_fp16, records, block_tables, context_lens, cfg, 3)
     bsz, hq, _ = q.shape
@@ -464,22 +486,25 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
         po = plse = out
     rec = records if records is not None else kv_fp16
     srb, srh = (records.stride(0), records.stride(1)) if records is not None else (0, 0)
-    if num_warps is None:
-        # G = 64 records at 4 warps hit a Triton 3.6 shared-memory miscompile (illegal
-        # address on an H100, 2026-11); 8 warps was verified there.
-        num_warps = 4 if d <= 128 and (cfg is None or g > 64) else 8
+    warps0, maxnreg0, rec_sub0 = default_launch(cfg, g, d)
+    num_warps = num_warps or warps0
+    if maxnreg is None and num_warps == warps0:
+        maxnreg = maxnreg0
+    rec_sub = rec_sub or rec_sub0
+    if q.device.type != "cuda":
+        maxnreg = None      # the interpreter takes no register cap
     if num_stages is None:
-        num_stages = 2
+        num_stages = 2     # 1 stage miscompiles on Triton 3.6 (wrong outputs, H100 2026-11-23)
     _decode_kernel[(bsz * hkv, num_splits)](
         q, kv_fp16, rec, block_tables, context_lens, out, po, plse,
         scale * LOG2E, FP16_MAGIC,
         q.stride(0), q.stride(1), kv_fp16.stride(0), kv_fp16.stride(1), kv_fp16.stride(2),
         srb, srh, block_tables.stride(0), out.stride(0), out.stride(1),
         hkv, hq, num_splits,
-        QH=qh, BLOCK_H=block_h, G=g, BLOCK_N=fp16_block_n(g, d), REC_SUB=rec_sub or min(g, 64), D=d,
+        QH=qh, BLOCK_H=block_h, G=g, BLOCK_N=fp16_block_n(g, d), REC_SUB=rec_sub, D=d,
         SPLIT=num_splits > 1,
         **record_constexprs(cfg),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if num_splits > 1:
         _merge_kernel[(bsz, hq)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq, num_splits,
