@@ -9,6 +9,7 @@ One request through one replica:
       │ loop.submit(import)  ──────────────────────────▶ EngineLoop thread
       │                                                   add_request_from_payload
       │                                                   (PayloadError: re-prefill once)
+      │ yield the first token  ◀── the call's result ───  engine.take_output
       │ async for out in queue  ◀──── call_soon_threadsafe ── engine.step() outputs
       ▼ yield events (dicts) to the ingress
 
@@ -16,6 +17,11 @@ One request through one replica:
 event loop ``submit`` a function, which runs between two steps, and get an asyncio
 future; step outputs go to per-request ``asyncio.Queue``s. Nothing else touches the
 engine, so it needs no lock.
+
+Time to first token: the prefill replica samples the first token and ships it in the
+payload; the import call returns it (``engine.take_output``) and ``generate`` yields it
+as its first event right away, before the engine's next step (which would otherwise
+carry it together with the second token).
 
 Admission reserves blocks for a request from the moment it is admitted until its
 payload is imported (the engine only knows about a request once it is imported, and
@@ -26,8 +32,11 @@ dropped right after the import, so nothing stays pinned in the object store.
 
 Events yielded by ``generate`` (the ingress turns them into OpenAI objects):
 
-    {"type": "delta", "text", "token_ids", "logprobs", "tokens", "finish_reason",
-     "num_prompt_tokens", "num_generated_tokens", "kvarn": {...} on the last event}
+    {"type": "delta", "text", "token_ids", "logprobs", "tokens", "top_logprobs",
+     "finish_reason", "num_prompt_tokens", "num_generated_tokens", "kvarn": {...} on the
+     last event}
+      logprobs/tokens: per new token (None unless the request asked for logprobs);
+      top_logprobs: per new token, [[token text, logprob], ...] best first (logprobs=N > 0)
     {"type": "error", "status", "message", "error_type", "code", "param", "retry_after_s"}
       (the first and only event, or the last one when the engine fails mid-stream)
 """
@@ -76,6 +85,9 @@ class EngineLoop:
 
     ``before_step`` (optional) runs in the loop thread before every step and after the
     queued calls, also while idle when woken: admission control lives there.
+
+    ``hold_steps(True)`` (a test hook) keeps the loop from stepping the engine while
+    submitted calls still run, until ``hold_steps(False)``.
     """
 
     def __init__(self, engine, name: str = "kvarn-engine",
@@ -89,6 +101,7 @@ class EngineLoop:
         self._before_step = before_step
         self._after_step = after_step
         self._stop = False
+        self._hold = False
         self.error: BaseException | None = None
         self.num_steps = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -99,6 +112,10 @@ class EngineLoop:
         return self._thread.is_alive() and self.error is None
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def hold_steps(self, hold: bool) -> None:
+        self._hold = bool(hold)
         self._wake.set()
 
     def submit(self, fn: Callable, *args, **kwargs) -> asyncio.Future:
@@ -171,7 +188,7 @@ class EngineLoop:
                 self._run_calls()
                 if self._before_step is not None:
                     self._before_step()
-                if self.engine.has_unfinished_requests():
+                if self.engine.has_unfinished_requests() and not self._hold:
                     outputs = self.engine.step()
                     self.num_steps += 1
                     if outputs:
@@ -277,9 +294,14 @@ class _Admitter:
             self.admit_waiting()
 
     def import_payload(self, request_id: str, payload, params):
-        """add_request_from_payload, turning the reservation into engine-held blocks."""
+        """add_request_from_payload, turning the reservation into engine-held blocks.
+
+        Returns the RequestOutput of the payload's first token (sampled by the prefill
+        replica), taken out of the engine now: no later step's outputs repeat it.
+        """
         self.engine.add_request_from_payload(request_id, payload, params)
         self.reserved.pop(request_id, None)
+        return self.engine.take_output(request_id)
 
 
 # --------------------------------------------------------------------------- deployment
@@ -389,6 +411,11 @@ class DecodeServer:
         """Test hook: corrupt the next ``n`` payloads this replica receives."""
         self._fail_next_payloads = int(n)
 
+    async def debug_hold_steps(self, hold: bool) -> None:
+        """Test hook: stop (True) or resume (False) engine steps; calls (imports, stats)
+        still run, so a request is admitted, prefilled and imported, but not decoded."""
+        self.loop.hold_steps(hold)
+
     def check_health(self) -> None:
         if not self.loop.alive:
             raise RuntimeError(f"engine loop is dead: {self.loop.error!r}")
@@ -492,7 +519,7 @@ class DecodeServer:
                            code="engine_dead", retry_after_s=5.0)
 
         await self._admit(rid, len(ids), max_tokens)
-        queue = None
+        queue = first = None
         imported = finished = False
         meta: dict[str, Any] = {"decode_replica": self._replica_id,
                                 "transfer_dtype": self._transfer_dtype, "reprefills": 0}
@@ -511,8 +538,8 @@ class DecodeServer:
                 try:
                     while True:
                         try:
-                            await self.loop.submit(self._admitter.import_payload, rid, payload,
-                                                   params)
+                            first = await self.loop.submit(self._admitter.import_payload, rid,
+                                                           payload, params)
                             break
                         except PayloadError:
                             raise
@@ -546,14 +573,16 @@ class DecodeServer:
                     meta["fp16_equivalent_bytes"] / meta["payload_bytes"],
                     tags={"transfer_dtype": self._transfer_dtype})
 
-            # stream the engine's outputs
+            # stream: the payload's first token at once, then the engine's outputs
             t_first = None
             num_generated = 0
             while not finished:
-                item = await queue.get()
-                batch = [item]
-                while not queue.empty():
-                    batch.append(queue.get_nowait())
+                if first is not None:
+                    batch, first = [first], None
+                else:
+                    batch = [await queue.get()]
+                    while not queue.empty():
+                        batch.append(queue.get_nowait())
                 for it in batch:
                     if isinstance(it, BaseException):
                         raise APIError(500, f"decode engine failed: {it}", "server_error",
@@ -588,21 +617,28 @@ class DecodeServer:
         last = outputs[-1]
         token_ids: list[int] = []
         logprobs: list[float] | None = [] if params.logprobs is not None else None
+        tops: list | None = [] if params.logprobs else None
         text = []
         for o in outputs:
             token_ids.extend(o.new_token_ids)
             text.append(o.new_text or "")
             if logprobs is not None and o.logprobs is not None:
                 logprobs.extend(o.logprobs)
-        tokens = None
+            if tops is not None and o.top_logprobs is not None:
+                tops.extend(o.top_logprobs)
+        tokens = top_logprobs = None
         if logprobs is not None:
-            tokens = [self._tokenizer.decode([t]) for t in token_ids]
+            dec = self._tokenizer.decode
+            tokens = [dec([t]) for t in token_ids]
+            if tops is not None:
+                top_logprobs = [[[dec([t]), lp] for t, lp in top] for top in tops]
         return {
             "type": "delta",
             "text": "".join(text),
             "token_ids": token_ids,
             "logprobs": logprobs,
             "tokens": tokens,
+            "top_logprobs": top_logprobs,
             "finish_reason": last.finish_reason if last.finished else None,
             "num_prompt_tokens": last.num_prompt_tokens,
             "num_generated_tokens": len(last.token_ids),

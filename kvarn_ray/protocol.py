@@ -184,6 +184,7 @@ class ValidatedRequest:
     stream: bool = False
     include_usage: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0          # alternatives per token (logprobs=N, chat's top_logprobs)
     request_id: str = ""
 
 
@@ -261,6 +262,7 @@ def parse_request(kind: Literal["completion", "chat"], body: bytes | str | dict,
             if not 0 <= req.logprobs <= 5:
                 raise BadRequest("'logprobs' must be between 0 and 5.", param="logprobs")
             out.logprobs = True
+            out.top_logprobs = req.logprobs
         if max_tokens is None:
             max_tokens = 16  # the OpenAI completions default
     else:
@@ -273,7 +275,11 @@ def parse_request(kind: Literal["completion", "chat"], body: bytes | str | dict,
             max_tokens = req.max_completion_tokens
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
             raise BadRequest("'top_logprobs' must be between 0 and 20.", param="top_logprobs")
+        if req.top_logprobs and not req.logprobs:
+            raise BadRequest("'logprobs' must be true when 'top_logprobs' is set.",
+                             param="top_logprobs")
         out.logprobs = bool(req.logprobs)
+        out.top_logprobs = (req.top_logprobs or 0) if req.logprobs else 0
         messages = []
         for i, m in enumerate(req.messages):
             content = m.content
@@ -301,7 +307,7 @@ def parse_request(kind: Literal["completion", "chat"], body: bytes | str | dict,
         "stop": stop or None,
         "stop_token_ids": req.stop_token_ids or None,
         "ignore_eos": bool(req.ignore_eos),
-        "logprobs": 1 if out.logprobs else None,
+        "logprobs": out.top_logprobs if out.logprobs else None,
     }
     # Cheap range checks here; kvarn.SamplingParams has the final word (the ingress
     # builds one before anything is sent to a decode replica).
@@ -335,15 +341,30 @@ def _usage(num_prompt: int, num_generated: int) -> dict:
             "total_tokens": num_prompt + num_generated}
 
 
-def _completion_logprobs(tokens: list[str], lps: list[float]) -> dict:
-    # text_offset and top_logprobs need alternatives the engine does not compute.
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": None, "text_offset": None}
+def _completion_logprobs(tokens: list[str], lps: list[float], tops: list | None) -> dict:
+    """Completions' shape: per token a {text: logprob} dict of the N most likely tokens,
+    best first, plus the sampled token when it is not among them (OpenAI's "up to
+    logprobs + 1"; logprobs=0 gives just the sampled token). text_offset is not computed."""
+    top_logprobs = []
+    for i, (t, lp) in enumerate(zip(tokens, lps)):
+        d: dict[str, float] = {}
+        for alt, alt_lp in (tops[i] if tops and i < len(tops) else ()):
+            d.setdefault(alt, alt_lp)     # two ids with the same text: the likelier one
+        d.setdefault(t, lp)
+        top_logprobs.append(d)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top_logprobs,
+            "text_offset": None}
 
 
-def _chat_logprobs(tokens: list[str], lps: list[float]) -> dict:
+def _chat_logprobs(tokens: list[str], lps: list[float], tops: list | None) -> dict:
+    """Chat's shape: per token its logprob and the top_logprobs=N most likely tokens."""
+    def entry(t: str, lp: float) -> dict:
+        return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+
     return {"content": [
-        {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
-        for t, lp in zip(tokens, lps)
+        {**entry(t, lp),
+         "top_logprobs": [entry(a, alp) for a, alp in (tops[i] if tops and i < len(tops) else ())]}
+        for i, (t, lp) in enumerate(zip(tokens, lps))
     ]}
 
 
@@ -352,7 +373,8 @@ class ResponseStreamer:
 
     Events (dicts from ``DecodeServer.generate``):
         {"type": "delta", "text": str, "token_ids": [int], "logprobs": [float] | None,
-         "tokens": [str] | None, "finish_reason": str | None,
+         "tokens": [str] | None, "top_logprobs": [[[str, float], ...]] | None,
+         "finish_reason": str | None,
          "num_prompt_tokens": int, "num_generated_tokens": int, "kvarn": dict | None}
 
     ``chunks(event)`` gives the stream chunks for one event; ``final()`` the
@@ -365,6 +387,7 @@ class ResponseStreamer:
         self.text: list[str] = []
         self.tokens: list[str] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list[list] = []
         self.finish_reason: str | None = None
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
@@ -380,6 +403,7 @@ class ResponseStreamer:
         if ev.get("logprobs") is not None:
             self.logprobs.extend(ev["logprobs"])
             self.tokens.extend(ev.get("tokens") or [])
+            self.top_logprobs.extend(ev.get("top_logprobs") or [])
         self.finish_reason = ev.get("finish_reason") or self.finish_reason
         self.num_prompt_tokens = ev.get("num_prompt_tokens", self.num_prompt_tokens)
         self.num_generated_tokens = ev.get("num_generated_tokens", self.num_generated_tokens)
@@ -392,7 +416,7 @@ class ResponseStreamer:
         lp = None
         if self.req.logprobs and ev.get("logprobs") is not None:
             builder = _completion_logprobs if self.req.kind == "completion" else _chat_logprobs
-            lp = builder(ev.get("tokens") or [], ev["logprobs"])
+            lp = builder(ev.get("tokens") or [], ev["logprobs"], ev.get("top_logprobs"))
         out = []
         if self.req.kind == "completion":
             c = self._base("text_completion")
@@ -427,7 +451,7 @@ class ResponseStreamer:
         lp = None
         if self.req.logprobs:
             builder = _completion_logprobs if self.req.kind == "completion" else _chat_logprobs
-            lp = builder(self.tokens, self.logprobs)
+            lp = builder(self.tokens, self.logprobs, self.top_logprobs)
         if self.req.kind == "completion":
             r = self._base("text_completion")
             r["choices"] = [{"index": 0, "text": text, "logprobs": lp,

@@ -7,7 +7,8 @@
 Disaggregation hooks: ``add_request(..., export_kv=dtype)`` runs the prompt, samples
 the first token and returns a KVPayload instead of decoding; ``add_request_from_payload``
 validates a payload (nothing is allocated unless it passes), writes it into fresh blocks
-and continues decoding from the payload's first token.
+and continues decoding from the payload's first token; ``take_output`` hands that first
+token out at once (a caller streaming to a client need not wait for the next step).
 
 Block accounting (``num_free_blocks`` / ``num_total_blocks``) adds the fp16 pool and the
 record pool; ``kv_cache_usage`` weights them by their bytes.
@@ -44,6 +45,7 @@ class _Request:
         self.emitted_tokens = 0
         self.emitted_chars = 0
         self.emitted_logprobs = 0
+        self.emitted_top_logprobs = 0
 
 
 def load_tokenizer(config: EngineConfig):
@@ -219,7 +221,8 @@ class LLMEngine:
         seq = Sequence(next(self._seq_ids), request_id, prompt, params, arrival_time=arrival_time)
         seq.imported = True
         req = _Request(seq, self.tokenizer)
-        finish = self._append_token(req, payload.first_token_id, payload.header.get("first_token_logprob"))
+        finish = self._append_token(req, payload.first_token_id, payload.header.get("first_token_logprob"),
+                                    payload.header.get("first_token_top_logprobs"))
         seq.first_token_time = time.time()
         if finish is None:
             table = self.block_manager.allocate_imported(seq.seq_id, n)    # NotEnoughBlocks: nothing taken
@@ -248,6 +251,20 @@ class LLMEngine:
         self._pending.append(self._output(req))
         self._forget(req)
 
+    def take_output(self, request_id: str) -> RequestOutput | None:
+        """What ``request_id`` produced since its last output, now, outside ``step()``.
+
+        E.g. the first token of a request just added from a payload. What this returns is
+        not in a later step's outputs; None when there is nothing new.
+        """
+        for i, o in enumerate(self._pending):
+            if o.request_id == request_id:
+                return self._pending.pop(i)
+        req = self._requests.get(request_id)
+        if req is None or req.emitted_tokens == req.seq.num_output_tokens:
+            return None
+        return self._output(req)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or bool(self._pending)
 
@@ -269,12 +286,13 @@ class LLMEngine:
             seq = req.seq
             if seq.num_output_tokens == 0:
                 seq.first_token_time = now
+            lp, top = lp if isinstance(lp, tuple) else (lp, None)
             if seq.export_kv is not None:
-                self._append_token(req, tok, lp)
-                seq.payload = self._build_payload(seq, tok, lp)
+                self._append_token(req, tok, lp, top)
+                seq.payload = self._build_payload(seq, tok, lp, top)
                 self._finish(req, SequenceStatus.FINISHED_PREFILL)
             else:
-                finish = self._append_token(req, tok, lp)
+                finish = self._append_token(req, tok, lp, top)
                 if finish is not None:
                     self._finish(req, finish)
             outputs.append(self._output(req))
@@ -289,10 +307,12 @@ class LLMEngine:
         self._requests.pop(req.seq.request_id, None)
         self._by_seq.pop(req.seq.seq_id, None)
 
-    def _append_token(self, req: _Request, tok: int, lp) -> SequenceStatus | None:
+    def _append_token(self, req: _Request, tok: int, lp, top=None) -> SequenceStatus | None:
         """Add a sampled token; returns the finish status it causes, if any."""
         seq, p = req.seq, req.seq.params
-        seq.append_token(tok, lp if p.logprobs is not None else None)
+        if p.logprobs:
+            top = [(int(t), float(v)) for t, v in (top or [])][:p.logprobs]
+        seq.append_token(tok, lp if p.logprobs is not None else None, top if p.logprobs else None)
         req.detok.add(tok)
         text = req.detok.text
         if (not p.ignore_eos and tok in self.eos_token_ids) or tok in p.stop_token_ids:
@@ -317,10 +337,13 @@ class LLMEngine:
         visible_len = max(len(visible), req.emitted_chars)
         new_text = req.text[req.emitted_chars:visible_len]
         new_ids = seq.output_token_ids[req.emitted_tokens:]
-        lps = None
+        lps = tops = None
         if seq.params.logprobs is not None:
             lps = seq.output_logprobs[req.emitted_logprobs:]
             req.emitted_logprobs = len(seq.output_logprobs)
+        if seq.params.logprobs:
+            tops = seq.output_top_logprobs[req.emitted_top_logprobs:]
+            req.emitted_top_logprobs = len(seq.output_top_logprobs)
         req.emitted_tokens = seq.num_output_tokens
         req.emitted_chars = visible_len
         return RequestOutput(
@@ -334,10 +357,11 @@ class LLMEngine:
                      "finished_time": seq.finished_time, "num_preemptions": seq.num_preemptions,
                      "imported_kv": seq.imported},
             all_logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
+            top_logprobs=tops,
         )
 
     # --- export --------------------------------------------------------------------
-    def _build_payload(self, seq: Sequence, first_token: int, first_lp) -> KVPayload:
+    def _build_payload(self, seq: Sequence, first_token: int, first_lp, first_top=None) -> KVPayload:
         n = seq.num_prompt_tokens
         target = seq.export_kv
         bufs = self.executor.export_kv(self.block_manager.block_table(seq.seq_id), n)
@@ -358,6 +382,8 @@ class LLMEngine:
             "frame": "rotated" if quant else "model", "dtype": "float16" if quant else i["dtype"],
             "record_bytes": cfg.record_bytes if quant else 0,
         }
+        if first_top is not None:      # logprobs=N > 0: the first token's N most likely
+            header["first_token_top_logprobs"] = [[int(t), float(v)] for t, v in first_top]
         return KVPayload.build(header, records, bufs["sink"], bufs["tail"])
 
     def shutdown(self) -> None:

@@ -2,7 +2,8 @@
 
     RequestOutput   request_id, prompt_token_ids, token_ids (all so far), new_token_ids,
                     text (all so far), new_text, finished, finish_reason, logprobs (of
-                    the new tokens), num_prompt_tokens, payload, metrics
+                    the new tokens), top_logprobs (logprobs=N > 0: per new token, the N
+                    most likely [(token id, logprob)]), num_prompt_tokens, payload, metrics
                     .outputs[0].text / .token_ids    (vLLM's shape)
 
 Detokenization is incremental (vLLM's scheme): decode ids[prefix:] and ids[prefix:read]
@@ -43,6 +44,7 @@ class RequestOutput:
     metrics: dict = field(default_factory=dict)
     prompt: str | None = None
     all_logprobs: list[float] | None = field(default=None, repr=False)
+    top_logprobs: list[list[tuple[int, float]]] | None = field(default=None, repr=False)
 
     @property
     def outputs(self) -> list[CompletionOutput]:

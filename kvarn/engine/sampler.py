@@ -58,7 +58,13 @@ class Sampler:
             self._generators.pop(s, None)
 
     def __call__(self, logits: torch.Tensor, seq_ids: list[int], params: list[dict]):
-        """-> (token ids list[int], logprobs list[float | None])."""
+        """-> (token ids list[int], logprobs list).
+
+        A logprobs entry is None (not asked for), the sampled token's logprob (a float),
+        or, for rows whose params ask for ``top`` > 0 alternatives, a tuple
+        ``(logprob, [(token id, logprob), ...])`` of the sampled token and the ``top``
+        most likely tokens, in descending order.
+        """
         logits = logits.float()
         tokens = torch.argmax(logits, dim=-1)
         for i, (sid, p) in enumerate(zip(seq_ids, params)):
@@ -70,6 +76,15 @@ class Sampler:
         want_lp = [p["lp"] for p in params]
         logprobs: list[float | None] = [None] * len(params)
         if any(want_lp):
-            lp = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0].tolist()
+            lsm = torch.log_softmax(logits, dim=-1)
+            lp = lsm.gather(1, tokens[:, None])[:, 0].tolist()
             logprobs = [v if w else None for v, w in zip(lp, want_lp)]
+            tops = [p.get("top", 0) if w else 0 for p, w in zip(params, want_lp)]
+            k = min(max(tops), lsm.shape[-1])
+            if k > 0:
+                vals, idx = torch.topk(lsm, k, dim=-1)
+                vals, idx = vals.tolist(), idx.tolist()
+                for i, n in enumerate(tops):
+                    if n:
+                        logprobs[i] = (logprobs[i], list(zip(idx[i][:n], vals[i][:n])))
         return tokens.tolist(), logprobs

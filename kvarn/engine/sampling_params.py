@@ -14,7 +14,7 @@ class SamplingParams:
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
-    logprobs: int | None = None       # not None: return the sampled tokens' logprobs
+    logprobs: int | None = None       # not None: the sampled tokens' logprobs; N > 0: also the N most likely
     skip_special_tokens: bool = True
     _stop_list: list[str] = field(init=False, repr=False, compare=False, default_factory=list)
 
@@ -74,4 +74,4 @@ class SamplingParams:
     def to_wire(self) -> dict:
         """What a worker needs to sample (small, msgpack/pickle friendly)."""
         return {"t": self.temperature, "p": self.top_p, "k": self.top_k, "s": self.seed,
-                "lp": self.logprobs is not None}
+                "lp": self.logprobs is not None, "top": self.logprobs or 0}

@@ -38,6 +38,7 @@ class Sequence:
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[float] = []
+        self.output_top_logprobs: list[list[tuple[int, float]]] = []   # params.logprobs > 0
         self.params = params
         self.export_kv = export_kv
         self.status = SequenceStatus.WAITING
@@ -77,10 +78,13 @@ class Sequence:
             return self.output_token_ids[start - p:stop - p]
         return self.prompt_token_ids[start:] + self.output_token_ids[:stop - p]
 
-    def append_token(self, token_id: int, logprob: float | None) -> None:
+    def append_token(self, token_id: int, logprob: float | None,
+                     top_logprobs: list[tuple[int, float]] | None = None) -> None:
         self.output_token_ids.append(token_id)
         if logprob is not None:
             self.output_logprobs.append(logprob)
+        if top_logprobs is not None:
+            self.output_top_logprobs.append(top_logprobs)
 
     @property
     def is_finished(self) -> bool:

@@ -46,6 +46,24 @@ def test_greedy_and_logprobs():
     assert math.isclose(lps[0], torch.log_softmax(logits[0], -1)[1].item(), rel_tol=1e-6)
 
 
+def test_top_logprobs_are_the_n_best_in_order():
+    """logprobs=N > 0: (sampled logprob, N best (id, logprob) descending); N=None/0 unchanged."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    params = [w(SamplingParams(temperature=0.0, logprobs=3)), w(SamplingParams(temperature=0.0)),
+              w(SamplingParams(temperature=0.0, logprobs=0))]
+    toks, lps = Sampler()(logits, [1, 2, 3], params)
+    ref = torch.log_softmax(logits, -1)
+    lp0, top = lps[0]
+    assert toks[0] == int(logits[0].argmax()) and lp0 == pytest.approx(ref[0, toks[0]].item())
+    order = ref[0].argsort(descending=True)[:3].tolist()
+    assert [t for t, _ in top] == order
+    assert [v for _, v in top] == pytest.approx(ref[0, order].tolist())
+    assert top[0][0] == toks[0]
+    assert lps[1] is None
+    assert isinstance(lps[2], float) and lps[2] == pytest.approx(ref[2, toks[2]].item())
+
+
 def test_seeded_sampling_is_reproducible_and_batch_independent():
     torch.manual_seed(0)
     logits = torch.randn(50, 100)

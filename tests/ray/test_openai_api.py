@@ -218,6 +218,103 @@ def test_streaming_equals_non_streaming(client):
         chat_full.choices[0].message.content
 
 
+def test_first_token_streams_before_any_decode_step(client, base_url, tokenizer):
+    """The prefill replica samples the first token; the decode replica streams it as soon as
+    the payload is imported, not with its first decode step. With the decode engine's steps
+    held (calls such as the import still run), the first chunk of an HTTP stream and of a
+    handle stream arrives, carries exactly the prefill's token, and the engine's step
+    counter has not moved. (Before, the first chunk came out of the first decode step, with
+    the second token: under the hold it never came, and the 30 s read timeout failed this.)"""
+    import openai
+    from concurrent.futures import ThreadPoolExecutor
+    from ray import serve
+
+    wait_for_baseline()
+    ids = tokenizer(PROMPTS[0]).input_ids
+    payload = _prefill_handle().prefill.remote(
+        {"request_id": "t-first", "prompt_token_ids": ids, "transfer_dtype": None,
+         "sampling": {"temperature": 0.0, "max_tokens": 1}}).result(timeout_s=120)["payload"]
+    first_token = tokenizer.decode([payload.header["first_token_id"]])
+    del payload
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0}
+    full = client.completions.create(**body).choices[0].text
+    assert full.startswith(first_token)
+
+    decode = _decode_handle()
+    quick = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=30)
+    pool = ThreadPoolExecutor(1)
+    decode.debug_hold_steps.remote(True).result(timeout_s=60)
+    try:
+        steps = decode_stats()["num_steps"]
+        http_stream = iter(quick.completions.create(**body, stream=True, logprobs=0))
+        h0 = next(http_stream)                       # SSE: openai.APITimeoutError if it never comes
+        assert h0.choices[0].logprobs.tokens == [first_token]
+        assert h0.choices[0].text == first_token and h0.choices[0].finish_reason is None
+        gen = serve.get_app_handle(APP_NAME).options(stream=True).generate.remote(
+            {**body, "stream": True, "logprobs": 0})
+        handle_stream = iter(gen)
+        p0 = pool.submit(next, handle_stream).result(timeout=30)
+        assert p0["choices"][0]["logprobs"]["tokens"] == [first_token]
+        assert p0["choices"][0]["text"] == first_token
+        s = decode_stats()
+        assert s["num_steps"] == steps, "the first chunks came out of a decode step"
+        assert s["has_unfinished_requests"]          # both requests are imported, not decoded
+    finally:
+        decode.debug_hold_steps.remote(False).result(timeout_s=60)
+        pool.shutdown(wait=False)
+    http_rest = list(http_stream)
+    assert h0.choices[0].text + "".join(c.choices[0].text for c in http_rest if c.choices) == full
+    handle_rest = list(handle_stream)
+    assert "".join(c["choices"][0]["text"] for c in [p0] + handle_rest if c["choices"]) == full
+    wait_for_baseline()
+
+
+def _check_top(alternatives: list[tuple[str, float]], token: str, logprob: float, n: int) -> None:
+    """The N best alternatives of one greedy token: the token first, logprobs <= 0, descending."""
+    assert len(alternatives) == n, alternatives
+    assert alternatives[0] == (token, logprob), (alternatives, token, logprob)
+    values = [v for _, v in alternatives]
+    assert all(v <= 0.0 for v in values) and values == sorted(values, reverse=True), values
+    assert len({t for t, _ in alternatives}) == n
+
+
+def test_top_logprobs_completions_and_chat(client):
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0}
+    r = client.completions.create(**body, logprobs=3)
+    lp = r.choices[0].logprobs
+    n = r.usage.completion_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == n == 5
+    assert "".join(lp.tokens) == r.choices[0].text
+    for tok, tok_lp, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        _check_top(list(top.items()), tok, tok_lp, 3)
+    chunks = [c for c in client.completions.create(**body, logprobs=3, stream=True) if c.choices]
+    assert [t for c in chunks for t in c.choices[0].logprobs.tokens] == lp.tokens
+    streamed = [top for c in chunks for top in c.choices[0].logprobs.top_logprobs]
+    assert [list(t) for t in streamed] == [list(t) for t in lp.top_logprobs]
+    for a, b in zip(streamed, lp.top_logprobs):
+        assert list(a.values()) == pytest.approx(list(b.values()), abs=1e-4)
+    # logprobs=0: no alternatives, the sampled token alone (OpenAI's "up to logprobs + 1")
+    lp0 = client.completions.create(**body, logprobs=0).choices[0].logprobs
+    assert [list(t.items()) for t in lp0.top_logprobs] == \
+        [[(t, v)] for t, v in zip(lp0.tokens, lp0.token_logprobs)]
+
+    chat = {"model": MODEL, "messages": CHAT, "max_tokens": 5, "temperature": 0}
+    c = client.chat.completions.create(**chat, logprobs=True, top_logprobs=4)
+    content = c.choices[0].logprobs.content
+    assert len(content) == c.usage.completion_tokens == 5
+    for e in content:
+        assert e.bytes == list(e.token.encode("utf-8"))
+        _check_top([(a.token, a.logprob) for a in e.top_logprobs], e.token, e.logprob, 4)
+    chat_chunks = [x for x in client.chat.completions.create(**chat, logprobs=True, top_logprobs=4,
+                                                            stream=True) if x.choices]
+    streamed = [e for x in chat_chunks if x.choices[0].logprobs for e in x.choices[0].logprobs.content]
+    assert [(e.token, [a.token for a in e.top_logprobs]) for e in streamed] == \
+        [(e.token, [a.token for a in e.top_logprobs]) for e in content]
+    # logprobs without top_logprobs: the chosen token only, no alternatives (OpenAI's shape)
+    c0 = client.chat.completions.create(**chat, logprobs=True)
+    assert all(e.top_logprobs == [] for e in c0.choices[0].logprobs.content)
+
+
 def test_sampling_seed_stop_logprobs(client):
     kw = dict(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0.9, top_p=0.9, seed=7)
     a = client.completions.create(**kw)
@@ -338,6 +435,8 @@ def _bad_requests(max_model_len: int) -> list[tuple[str, str, object]]:
         ("top_k < -1", c, {**ok, "top_k": -5}),
         ("n = 2", c, {**ok, "n": 2}),
         ("logprobs > 5", c, {**ok, "logprobs": 9}),
+        ("top_logprobs > 20", ch, {**chat, "logprobs": True, "top_logprobs": 21}),
+        ("top_logprobs without logprobs", ch, {**chat, "top_logprobs": 2}),
         ("max_tokens a string", c, {**ok, "max_tokens": "4"}),
         ("temperature a bool", c, {**ok, "temperature": True}),
         ("prompt a number", c, {**ok, "prompt": 5}),
