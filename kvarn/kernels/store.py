@@ -174,7 +174,8 @@ def _store_kernel(k_ptr, v_ptr, src_ptr, rec_ptr, dst_ptr,
             tl.store(rec + OFF_END + offs_p, tl.zeros([8], tl.uint8), mask=offs_p < RB - OFF_END)
 
 
-def _launch(k, v, src, records, dst, num_layers, strides_x, strides_r, hkv, cfg: KVarNConfig):
+def _launch(k, v, src, records, dst, num_layers, strides_x, strides_r, hkv, cfg: KVarNConfig,
+            num_warps: int | None = None):
     m = src.numel()
     if m == 0:
         return
@@ -189,7 +190,9 @@ def _launch(k, v, src, records, dst, num_layers, strides_x, strides_r, hkv, cfg:
         OFF_END=o["end"], RB=cfg.record_bytes, ITERS=iters,
         E_LO=_exp_f32(cfg.log_clip[0]), E_HI=_exp_f32(cfg.log_clip[1]),
         STD_LO=STD_CLAMP[0], STD_HI=STD_CLAMP[1], EPS=IMBALANCE_EPS, STEP_EPS=STEP_MIN,
-        num_warps=8 if cfg.group_size * cfg.head_dim >= 128 * 128 else 4,
+        # 4 warps up to 128 x 128 tiles: 10.4 ms vs 18.5 at 8 warps for the 8B 16K-token
+        # prompt on an H100 (benchmarks/store_warps.py, NOTES.md attempt 16)
+        num_warps=num_warps or (4 if cfg.group_size * cfg.head_dim <= 128 * 128 else 8),
     )
 
 
@@ -199,11 +202,12 @@ def _check_cfg(cfg):
 
 
 def store_tiles(kv_fp16_all: torch.Tensor, src_blocks: torch.Tensor, records_all: torch.Tensor,
-                dst_blocks: torch.Tensor, cfg: KVarNConfig) -> None:
+                dst_blocks: torch.Tensor, cfg: KVarNConfig, num_warps: int | None = None) -> None:
     """Quantize fp16 blocks (rotated frame) into records, every layer at once, in place.
 
     kv_fp16_all fp16 [L, 2, nfp, Hkv, G, D]; records_all uint8 [L, nrec, Hkv, RB];
     src_blocks / dst_blocks [M] integer block ids (same semantics as ``ref_store_tiles``).
+    num_warps: a benchmark knob (default 4 up to 128 x 128 tiles, else 8).
     """
     _check_cfg(cfg)
     if kv_fp16_all.dim() != 6 or kv_fp16_all.shape[1] != 2:
@@ -232,7 +236,7 @@ def store_tiles(kv_fp16_all: torch.Tensor, src_blocks: torch.Tensor, records_all
     sx = kv_fp16_all.stride()
     sr = records_all.stride()
     _launch(kv_fp16_all[:, 0], kv_fp16_all[:, 1], src, records_all, dst, num_layers,
-            (sx[0], sx[2], sx[3], sx[4]), (sr[0], sr[1], sr[2]), hkv, cfg)
+            (sx[0], sx[2], sx[3], sx[4]), (sr[0], sr[1], sr[2]), hkv, cfg, num_warps)
 
 
 def quantize_blocks_triton(k: torch.Tensor, v: torch.Tensor, cfg: KVarNConfig,
