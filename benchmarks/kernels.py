@@ -275,9 +275,12 @@ def decode_variants(case: PagedCase) -> list:
     configs = [(4, 2, s, None) for s in sorted({max(1, base // 2), base, base * 2})]
     configs += [(4, 2, base, r) for r in (0, 168, 128, 96)] + [(4, 3, base, r) for r in (0, 128)]
     configs += [(8, 2, base, 0)]
+    configs = [c + (False,) for c in configs]
+    # rec_deq: scales/zeros applied to the codes in registers (fewer cross-warp reductions)
+    configs += [(4, 2, base, r, True) for r in (None, 0, 168)] + [(4, 2, base * 2, None, True)]
     out = []
-    for warps, stages, splits, maxnreg in configs:
-        kw = dict(num_warps=warps, num_stages=stages, num_splits=splits, maxnreg=maxnreg)
+    for warps, stages, splits, maxnreg, rec_deq in configs:
+        kw = dict(num_warps=warps, num_stages=stages, num_splits=splits, maxnreg=maxnreg, rec_deq=rec_deq)
         try:
             diff = (case.run_kvarn(**kw).float() - ref).abs().max().item()
             ms = bench(lambda: case.run_kvarn(**kw), rep=100)

@@ -243,6 +243,47 @@ def _record_tile(acc, m, l, qf, rec, k_tok, v_chan, magic, G: tl.constexpr, D: t
 
 
 @triton.jit
+def _record_tile_deq(acc, m, l, q16, rec, k_tok, v_chan, magic, G: tl.constexpr, D: tl.constexpr,
+                     K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+                     OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KZ: tl.constexpr,
+                     OFF_KT: tl.constexpr, OFF_VC: tl.constexpr, OFF_VCH: tl.constexpr,
+                     OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr):
+    """``_record_tile`` with the scale/zero of each code folded in registers instead of
+    into q and the reductions: K^T [D, HALF] = (c - C) ks[d] + (kz[d] + C ks[d]) and
+    V [HALF, D] = (c - C) vs[t] + (vz[t] + C vs[t]), both fp16 (what an fp16 cache would
+    hold, before the per-token kt and per-channel vc factors), so per piece only the
+    softmax max and sum cross warps (no sum over D for q.kz, no sum over t for p.vz)
+    and q needs no per-record rescaling. q16 [D, R] fp16, already scaled.
+    """
+    offs_d = tl.arange(0, D)
+    rec16 = rec.to(tl.pointer_type(tl.float16))
+    rec32 = rec.to(tl.pointer_type(tl.int32))
+    HALF: tl.constexpr = k_tok.shape[0]
+    KW: tl.constexpr = G * K_BITS // 32
+    KWH: tl.constexpr = HALF * K_BITS // 32
+    VW: tl.constexpr = D * V_BITS // 32
+    ks = tl.load(rec16 + OFF_KS // 2 + offs_d)
+    kz = (tl.load(rec16 + OFF_KZ // 2 + offs_d).to(tl.float32)
+          + (1 << (K_BITS - 1)) * ks.to(tl.float32)).to(tl.float16)
+    vch = tl.load(rec16 + OFF_VCH // 2 + v_chan).to(tl.float32)
+    for h in tl.static_range(G // HALF):
+        tok = h * HALF + k_tok
+        kt = tl.load(rec16 + OFF_KT // 2 + tok).to(tl.float32)
+        kw = tl.load(rec32 + OFF_KC // 4 + offs_d[:, None] * KW + h * KWH + tl.arange(0, KWH)[None, :])
+        kd = _unpack_words(kw, K_BITS, magic) * ks[:, None] + kz[:, None]         # [D, HALF] fp16
+        s = tl.dot(tl.trans(kd), q16) * kt[:, None]                              # [HALF, R]
+        p, alpha, m, l = _online_softmax(s, m, l)
+        vs = tl.load(rec16 + OFF_VS // 2 + tok)
+        vz = (tl.load(rec16 + OFF_VZ // 2 + tok).to(tl.float32)
+              + (1 << (V_BITS - 1)) * vs.to(tl.float32)).to(tl.float16)
+        vw = tl.load(rec32 + OFF_VC // 4 + tok[:, None] * VW + tl.arange(0, VW)[None, :])
+        vd = _unpack_words(vw, V_BITS, magic) * vs[:, None] + vz[:, None]        # [HALF, D] fp16
+        o = tl.dot(tl.trans(vd), p.to(tl.float16))                               # [D, R]
+        acc = acc * alpha[None, :] + o * vch[:, None]
+    return acc, m, l
+
+
+@triton.jit
 def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, plse_ptr,
                    qk_scale, magic,
                    stride_qb, stride_qh, stride_kv, stride_fb, stride_fh,
@@ -250,6 +291,7 @@ def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, pls
                    HKV, HQ, num_splits,
                    QH: tl.constexpr, BLOCK_H: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
                    REC_SUB: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, IS_KVARN: tl.constexpr,
+                   REC_DEQ: tl.constexpr,
                    K_BITS: tl.constexpr, V_BITS: tl.constexpr,
                    OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KZ: tl.constexpr,
                    OFF_KT: tl.constexpr, OFF_VC: tl.constexpr, OFF_VCH: tl.constexpr,
@@ -298,9 +340,14 @@ def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, pls
         rec_head = rec_ptr + kvh.to(tl.int64) * stride_rh
         for i in range(tl.maximum(start, 1), tl.minimum(end, n_rec + 1)):
             blk = tl.load(bt + i).to(tl.int64)
-            acc, m, l = _record_tile(acc, m, l, qf, rec_head + blk * stride_rb, k_tok, v_chan, magic,
-                                     G, D, K_BITS, V_BITS, OFF_KC, OFF_KS, OFF_KZ, OFF_KT,
-                                     OFF_VC, OFF_VCH, OFF_VS, OFF_VZ)
+            if REC_DEQ:
+                acc, m, l = _record_tile_deq(acc, m, l, q16, rec_head + blk * stride_rb, k_tok, v_chan,
+                                             magic, G, D, K_BITS, V_BITS, OFF_KC, OFF_KS, OFF_KZ, OFF_KT,
+                                             OFF_VC, OFF_VCH, OFF_VS, OFF_VZ)
+            else:
+                acc, m, l = _record_tile(acc, m, l, qf, rec_head + blk * stride_rb, k_tok, v_chan, magic,
+                                         G, D, K_BITS, V_BITS, OFF_KC, OFF_KS, OFF_KZ, OFF_KT,
+                                         OFF_VC, OFF_VCH, OFF_VS, OFF_VZ)
     acc, m, l = _fp16_blocks(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb,      # the tail
                              tl.maximum(start, n_rec + 1) * SUB, tl.minimum(end * SUB, last_sub),
                              row_pos, n_ctx, G, BLOCK_N, D, V_PERM)
@@ -450,7 +497,8 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
                            sm_scale: float | None = None, num_splits: int | None = None,
                            out: torch.Tensor | None = None, num_warps: int | None = None,
                            num_stages: int | None = None, block_h: int | None = None,
-                           rec_sub: int | None = None, maxnreg: int | None = None) -> torch.Tensor:
+                           rec_sub: int | None = None, maxnreg: int | None = None,
+                           rec_deq: bool = True) -> torch.Tensor:
     """Decode attention: q [B, Hq, D] (cache frame) -> [B, Hq, D], ``ref_paged_decode_attention`` semantics.
 
     cfg None (records None) reads an fp16 (or bf16) cache with the same kernel.
@@ -460,7 +508,9 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
     per MMA piece, default from ``default_launch``: a whole 128-token record
     miscompiles on Triton 3.6),
     maxnreg (a register cap per thread, traded against occupancy; 0 = no cap; default
-    from ``default_launch`` when num_warps is left at its default).
+    from ``default_launch`` when num_warps is left at its default), rec_deq (records'
+    scales and zeros applied to the codes in registers, ``_record_tile_deq``; False:
+    folded into q and the reductions, ``_record_tile``, the extend kernel's way).
     """
     hkv, g, d = check_paged_args(q, kv_fp16, records, block_tables, context_lens, cfg, 3)
     bsz, hq, _ = q.shape
@@ -501,7 +551,7 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
         q.stride(0), q.stride(1), kv_fp16.stride(0), kv_fp16.stride(1), kv_fp16.stride(2),
         srb, srh, block_tables.stride(0), out.stride(0), out.stride(1),
         hkv, hq, num_splits,
-        QH=qh, BLOCK_H=block_h, G=g, BLOCK_N=fp16_block_n(g, d), REC_SUB=rec_sub, D=d,
+        QH=qh, BLOCK_H=block_h, G=g, BLOCK_N=fp16_block_n(g, d), REC_SUB=rec_sub, D=d, REC_DEQ=bool(rec_deq),
         SPLIT=num_splits > 1,
         **record_constexprs(cfg),
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),

@@ -92,13 +92,13 @@ def assert_close_to_reference(out, ref, t16, factor=2.0):
     assert err <= factor * err16 + 1e-5, f"kernel rel err {err:.3e} vs fp16 torch {err16:.3e}"
 
 
-def run_case(preset, d, qh, lens, num_splits, hkv=2, seed=0, g_fp16=64):
+def run_case(preset, d, qh, lens, num_splits, hkv=2, seed=0, g_fp16=64, **launch):
     cfg = KVarNConfig.from_name(preset, d) if preset else None
     g = cfg.group_size if cfg else g_fp16
     kv, records, bt, ctx = build_paged_cache(cfg, lens, [1] * len(lens), hkv, d, g, seed=seed)
     q = torch.randn(len(lens), hkv * qh, d, generator=torch.Generator().manual_seed(seed + 1)).half().to(DEVICE)
     out = torch.full_like(q, float("nan"))
-    got = paged_decode_attention(q, kv, records, bt, ctx, cfg, num_splits=num_splits, out=out)
+    got = paged_decode_attention(q, kv, records, bt, ctx, cfg, num_splits=num_splits, out=out, **launch)
     assert got.data_ptr() == out.data_ptr()
     cu = list(range(len(lens) + 1))
     ref, t16 = fp32_and_fp16_oracles(q, kv, records, bt, ctx, cu, cfg, 1.0 / math.sqrt(d))
@@ -127,6 +127,13 @@ CASES = [
 @pytest.mark.parametrize("preset,d,qh,lens,splits", CASES)
 def test_decode_matches_reference(preset, d, qh, lens, splits):
     run_case(preset, d, qh, lens, splits)
+
+
+@pytest.mark.parametrize("preset,d,qh,lens,splits", [c for c in CASES if c[0]][:6:2] + [CASES[3]])
+def test_decode_folded_scales_variant(preset, d, qh, lens, splits):
+    """rec_deq=False (the default is True): scales and zeros folded into q and the
+    reductions instead of applied to the codes in registers; the same accuracy bar."""
+    run_case(preset, d, qh, lens, splits, rec_deq=False)
 
 
 def test_decode_zero_length_rows_are_zero():
@@ -173,6 +180,12 @@ GPU_CASES = [
 @pytest.mark.parametrize("preset,d,qh,lens,splits", GPU_CASES)
 def test_decode_gpu_large(preset, d, qh, lens, splits):
     run_case(preset, d, qh, lens, splits, hkv=4, seed=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset,d,qh,lens,splits", [c for c in GPU_CASES if c[0]])
+def test_decode_gpu_large_folded_scales(preset, d, qh, lens, splits):
+    run_case(preset, d, qh, lens, splits, hkv=4, seed=3, rec_deq=False)
 
 
 @pytest.mark.gpu
