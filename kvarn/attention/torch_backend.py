@@ -6,10 +6,11 @@ sequence's context at once and run one masked SDPA, the same math as
 sequence and layer, the larger part of a CPU decode step at batch 8):
 
     block_tables [B, nb] --is-record mask (1 <= i <= (N_b - 2)//G, reference.py)-->
-      fp16 ids   -> kv[0/1] gathered                  [Hkv, B, nb, G, D]
+      fp16 ids   -> kv[0/1] index_select              [B, nb, Hkv, G, D] fp32
       record ids -> dequantize_rotated_blocks(...)    written into the record slots
-    -> K, V [B, Hkv, nb*G, D] fp32, key j visible to row b iff j < N_b
-    -> SDPA(q [B, Hq, 1, D], K, V, mask, GQA)         [B, Hq, D]
+    -> scores q @ K^T per block                       [B, nb, Hkv, QH, G]
+    -> softmax over the nb*G keys, key j visible to sequence b iff j < N_b
+    -> sum over blocks of P @ V                       [B, Hq, D]  (QH query heads per KV head)
 """
 from __future__ import annotations
 
@@ -38,20 +39,29 @@ def batched_decode_attention(q, kv, records, block_tables, context_lens, context
         fp_ids = ids.masked_fill(is_rec, 0)
     else:
         fp_ids = ids
-    # gather into [Hkv, B, nb, G, D]: (nb, G, D) stay contiguous, so [B, Hkv, nb*G, D] is a view
-    k = kv[0].transpose(0, 1)[:, fp_ids].float()
-    v = kv[1].transpose(0, 1)[:, fp_ids].float()
+    # Whole blocks gathered along the pool's leading dim (contiguous block copies: 28 us
+    # for 16 blocks vs 213 us indexing the head-transposed pool) and attended block by
+    # block: broadcast matmuls over (B, nb, Hkv) read each [G, D] block in place, only
+    # the small score tensor is reshaped for the softmax over all nb*G keys. A KV head's
+    # QH query heads are its query rows (no GQA expansion). ~0.47 vs 0.83 ms per layer
+    # at batch 8 x 256 tokens against gather + transpose copy + SDPA.
+    flat = fp_ids.reshape(-1)
+    k = kv[0].index_select(0, flat).float().view(b, nb, hkv, g, d)
+    v = kv[1].index_select(0, flat).float().view(b, nb, hkv, g, d)
     if cfg is not None and bool(is_rec.any()):
         kr, vr = dequantize_rotated_blocks(records[ids[is_rec]], cfg, torch.float32)   # [n, G, Hkv, D]
-        k[:, is_rec] = kr.permute(2, 0, 1, 3)
-        v[:, is_rec] = vr.permute(2, 0, 1, 3)
-    k = k.transpose(0, 1).reshape(b, hkv, nb * g, d)
-    v = v.transpose(0, 1).reshape(b, hkv, nb * g, d)
-    mask = torch.arange(nb * g, device=q.device)[None, :] < context_lens.long()[:, None]
+        k[is_rec] = kr.transpose(1, 2)
+        v[is_rec] = vr.transpose(1, 2)
+    qh = hq // hkv
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
-    out = F.scaled_dot_product_attention(q.float()[:, :, None, :], k, v, attn_mask=mask[:, None, None, :],
-                                         scale=scale, enable_gqa=hq != hkv)
-    return out[:, :, 0, :].to(q.dtype)
+    qf = q.float().view(b, 1, hkv, qh, d)
+    s = torch.matmul(qf, k.transpose(-1, -2)) * scale                          # [B, nb, Hkv, QH, G]
+    s = s.permute(0, 2, 3, 1, 4).reshape(b, hkv, qh, nb * g)
+    visible = torch.arange(nb * g, device=q.device)[None, :] < context_lens.long()[:, None]
+    s = s.masked_fill(~visible[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1).view(b, hkv, qh, nb, g).permute(0, 3, 1, 2, 4)   # [B, nb, Hkv, QH, G]
+    out = torch.matmul(p, v).sum(dim=1)                                          # [B, Hkv, QH, D]
+    return out.reshape(b, hq, d).to(q.dtype)
 
 
 class TorchBackend(AttentionBackend):

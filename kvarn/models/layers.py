@@ -113,6 +113,22 @@ def _add_rms_norm(
     return _rms_norm(x, weight, eps), x
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, except for few rows of fp32 on the CPU: there ``W @ x.T`` (the weight
+    as the untransposed operand) runs 1.4-4x faster than ``x @ W.T`` on this machine's
+    MKL/oneDNN path at 2-8 rows (decode steps; lm_head at 8 rows 16.5 -> 7.4 ms) and
+    equal at 16; prefill-sized inputs keep ``F.linear``. Same math, another summation
+    order (fp32 rounding differences only)."""
+    if (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= _SMALL_M_ROWS
+            and x.dtype == torch.float32 and weight.dtype == torch.float32):
+        y = torch.mm(weight, x.t()).t().contiguous()
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
+_SMALL_M_ROWS = 8
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32, with an optional fused residual add.
 
@@ -265,7 +281,7 @@ class ColumnParallelLinear(_ParallelLinear):
         param.data.copy_(loaded_weight.narrow(0, self.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -353,8 +369,8 @@ class RowParallelLinear(_ParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = tp_all_reduce(F.linear(x, self.weight))
+            return linear(x, self.weight, self.bias)
+        y = tp_all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 
@@ -407,7 +423,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     the full vocab on every rank."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)
         if self.tp_size > 1:
             logits = tp_all_gather(logits, dim=-1)
         return logits[..., : self.num_embeddings]
