@@ -75,8 +75,8 @@ class RankWorker:
     def execute_model(self, step):
         return self.worker.execute_model(step)
 
-    def export_kv(self, block_table: list[int], num_tokens: int) -> dict:
-        return self.worker.export_kv(block_table, num_tokens)
+    def export_kv(self, block_table: list[int], num_tokens: int, quantize_to: str | None = None) -> dict:
+        return self.worker.export_kv(block_table, num_tokens, quantize_to)
 
     def import_kv(self, block_table: list[int], num_tokens: int, payload: Any) -> None:
         if isinstance(payload, dict):  # a PrefillServer return value: {"payload", "info"}
@@ -156,10 +156,10 @@ class RayExecutor(Executor):
         self.step_overhead_s += time.perf_counter() - t0  # includes the ranks' compute
         return results[0]
 
-    def export_kv(self, block_table, num_tokens):
+    def export_kv(self, block_table, num_tokens, quantize_to=None):
         import numpy as np
 
-        parts = ray.get([w.export_kv.remote(block_table, num_tokens) for w in self.workers])
+        parts = ray.get([w.export_kv.remote(block_table, num_tokens, quantize_to) for w in self.workers])
         return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
 
     def import_kv(self, block_table, num_tokens, payload):

@@ -47,6 +47,17 @@ class FP16Pool(KVPool):
         if src_fp16_blocks:
             raise RuntimeError("an 'auto' cache has no records to flush into")
 
+    def export_quantized(self, block_table, num_tokens, preset: str) -> dict:
+        """This rank's heads packed to a KVarN preset where the cache lives (the store
+        kernel on a GPU), so only records + the fp16 sink/tail leave the device."""
+        from kvarn.cache.kvarn_pool import quantize_tokens
+        from kvarn.format import KVarNConfig
+
+        toks = gather_tokens(self.kv, block_table, num_tokens)
+        cfg = KVarNConfig.from_name(preset, toks.shape[-1])
+        records, sink, tail = quantize_tokens(toks, cfg)      # rotated from the model dtype, as a write would
+        return {"records": torch_to_numpy(records), "sink": torch_to_numpy(sink), "tail": torch_to_numpy(tail)}
+
     def export_blocks(self, block_table, num_tokens) -> dict:
         toks = gather_tokens(self.kv, block_table, num_tokens)
         ns = min(num_tokens, self.block_size)

@@ -40,8 +40,9 @@ class Executor(ABC):
         """Run one step; returns (token ids, logprobs) of the sampling sequences, in order."""
 
     @abstractmethod
-    def export_kv(self, block_table: list[int], num_tokens: int) -> dict:
-        """A committed sequence's KV, every head: {records, sink, tail} head-major numpy."""
+    def export_kv(self, block_table: list[int], num_tokens: int, quantize_to: str | None = None) -> dict:
+        """A committed sequence's KV, every head: {records, sink, tail} head-major numpy;
+        ``quantize_to``: an 'auto' cache's KV packed to that KVarN preset by each rank."""
 
     @abstractmethod
     def import_kv(self, block_table: list[int], num_tokens: int, payload) -> None:
@@ -63,8 +64,8 @@ class UniProcExecutor(Executor):
     def execute_model(self, scheduler_output):
         return self.worker.execute_model(scheduler_output)
 
-    def export_kv(self, block_table, num_tokens):
-        return self.worker.export_kv(block_table, num_tokens)
+    def export_kv(self, block_table, num_tokens, quantize_to=None):
+        return self.worker.export_kv(block_table, num_tokens, quantize_to)
 
     def import_kv(self, block_table, num_tokens, payload):
         self.worker.import_kv(block_table, num_tokens, payload.buffers(), payload.header)
@@ -188,11 +189,11 @@ class MultiprocExecutor(Executor):
         # the ranks' collectives keep them in step with this one; their own results are unused
         return self.worker.execute_model(scheduler_output)
 
-    def export_kv(self, block_table, num_tokens):
+    def export_kv(self, block_table, num_tokens, quantize_to=None):
         import numpy as np
 
-        self._broadcast("export_kv", block_table, num_tokens)
-        parts = [self.worker.export_kv(block_table, num_tokens)]
+        self._broadcast("export_kv", block_table, num_tokens, quantize_to)
+        parts = [self.worker.export_kv(block_table, num_tokens, quantize_to)]
         parts += [self._recv(conn, rank) for rank, conn in enumerate(self.conns, 1)]
         return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
 

@@ -364,9 +364,9 @@ class LLMEngine:
     def _build_payload(self, seq: Sequence, first_token: int, first_lp, first_top=None) -> KVPayload:
         n = seq.num_prompt_tokens
         target = seq.export_kv
-        bufs = self.executor.export_kv(self.block_manager.block_table(seq.seq_id), n)
-        if target != "auto" and not self.quantized:
-            bufs = _quantize_auto_buffers(bufs, target, self.info)
+        # an 'auto' cache exporting a KVarN payload: each rank packs its heads on its device
+        pack = target if target != "auto" and not self.quantized else None
+        bufs = self.executor.export_kv(self.block_manager.block_table(seq.seq_id), n, pack)
         i = self.info
         quant = target != "auto"
         cfg = KVarNConfig.from_name(target, i["head_dim"]) if quant else None
@@ -397,21 +397,6 @@ class LLMEngine:
             self.shutdown()
         except Exception:
             pass
-
-
-def _quantize_auto_buffers(bufs: dict, preset: str, info: dict) -> dict:
-    """An 'auto' engine's export (model frame) -> a KVarN payload's buffers (rotated, records)."""
-    import torch
-
-    from kvarn.cache.base import numpy_to_torch, payload_torch_dtype, torch_to_numpy
-    from kvarn.cache.kvarn_pool import quantize_tokens
-
-    dt = payload_torch_dtype({"dtype": info["dtype"]})
-    dev = "cuda" if info["device"].startswith("cuda") else "cpu"
-    toks = torch.cat([numpy_to_torch(bufs["sink"], dt, dev), numpy_to_torch(bufs["tail"], dt, dev)], 3)
-    cfg = KVarNConfig.from_name(preset, info["head_dim"])
-    records, sink, tail = quantize_tokens(toks, cfg, info.get("attention_backend") == "triton")
-    return {"records": torch_to_numpy(records), "sink": torch_to_numpy(sink), "tail": torch_to_numpy(tail)}
 
 
 __all__ = ["LLMEngine", "NotEnoughBlocks"]

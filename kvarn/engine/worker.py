@@ -3,7 +3,7 @@
     Worker(config, rank, world_size, init_method)
       .info()                      -> dict: pool sizing, model shape, fingerprint
       .execute_model(step)         -> (tokens, logprobs) on rank 0, None elsewhere
-      .export_kv(table, n)         -> {records, sink, tail} numpy, this rank's heads
+      .export_kv(table, n[, preset]) -> {records, sink, tail} numpy, this rank's heads
       .import_kv(table, n, bufs, header)
       .shutdown()
 
@@ -129,7 +129,11 @@ class Worker:
         return self.runner.execute(out)
 
     @torch.inference_mode()
-    def export_kv(self, block_table: list[int], num_tokens: int) -> dict:
+    def export_kv(self, block_table: list[int], num_tokens: int, quantize_to: str | None = None) -> dict:
+        """This rank's heads; ``quantize_to`` (a KVarN preset, 'auto' caches only) packs
+        them here, on this rank's device, before they leave it."""
+        if quantize_to is not None:
+            return self.pool.export_quantized(block_table, num_tokens, quantize_to)
         return self.pool.export_blocks(block_table, num_tokens)
 
     @torch.inference_mode()

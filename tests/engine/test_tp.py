@@ -19,8 +19,9 @@ def greedy(engine, prompts, n=8):
     return [outs[f"p{i}"].token_ids for i in range(len(prompts))]
 
 
-def export(engine, ids):
-    engine.add_request("x", ids, SamplingParams(temperature=0, max_tokens=8), export_kv=engine.config.kv_cache_dtype)
+def export(engine, ids, to=None):
+    engine.add_request("x", ids, SamplingParams(temperature=0, max_tokens=8),
+                       export_kv=to or engine.config.kv_cache_dtype)
     outs = []
     while engine.has_unfinished_requests():
         outs += engine.step()
@@ -51,6 +52,12 @@ def test_tiny_tp2_equals_tp1_and_payloads_cross_tp_sizes(kv):
         assert p2.sink.shape[0] == 2
         assert cont(one, p2) == ref[0]
         assert cont(two, export(one, prompts[0])) == ref[0]
+        if kv == "auto":    # full-precision prefill packed to KVarN by each rank, on its device
+            import numpy as np
+            q1, q2 = export(one, prompts[0], "kvarn_k4v2_g128"), export(two, prompts[0], "kvarn_k4v2_g128")
+            assert q2.header["kv_dtype"] == "kvarn_k4v2_g128" and q2.records.shape[2] == 1
+            for name in ("records", "sink", "tail"):
+                assert np.array_equal(getattr(q1, name), getattr(q2, name)), name
     finally:
         one.shutdown()
         two.shutdown()
