@@ -538,11 +538,24 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo where there is one."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def header(args, text_source: str, model_path, threads: int) -> dict:
     import transformers
 
     return {
         "benchmark": "kvarn accuracy (chunked prefill over a KVarN cache view)",
+        "device": f"cpu: {_cpu_name()} ({os.cpu_count()} cores, {threads} torch threads)",
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
