@@ -291,6 +291,20 @@ def decode_variants(case: PagedCase) -> list:
     return out
 
 
+def store_inputs(layers: int, hkv: int, d: int, tokens: int, cfg):
+    """A prompt's fp16 blocks (rotated frame, per-channel scales) on the GPU, every layer:
+    (kv [L, 2, m+1, Hkv, G, D], src block ids 1..m, dst record ids 0..m-1, m); block 0 is
+    the sink, so m = tokens / G - 1 tiles per (layer, head, K/V) are quantized."""
+    g = cfg.group_size
+    m = tokens // g - 1
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    chan = torch.rand(d, device="cuda", generator=gen) * 3 + 0.1
+    kv = (torch.randn(layers, 2, m + 1, hkv, g, d, device="cuda", generator=gen) * chan).half()
+    src = torch.arange(1, m + 1, dtype=torch.int32, device="cuda")
+    dst = torch.arange(m, dtype=torch.int32, device="cuda")
+    return kv, src, dst, m
+
+
 def store_rows(args, log):
     """The 16K-token prompt of a Llama-3-8B-shaped model, every layer in one launch."""
     from kvarn.format import KVarNConfig
@@ -303,13 +317,8 @@ def store_rows(args, log):
                                                    ("d64_16k", 30, 3, 64, 16384, "kvarn_k4v2_g128")]:
         cfg = KVarNConfig.from_name(preset, d)
         g = cfg.group_size
-        m = tokens // g - 1
-        gen = torch.Generator(device="cuda").manual_seed(1)
-        chan = torch.rand(d, device="cuda", generator=gen) * 3 + 0.1
-        kv = (torch.randn(layers, 2, m + 1, hkv, g, d, device="cuda", generator=gen) * chan).half()
+        kv, src, dst, m = store_inputs(layers, hkv, d, tokens, cfg)
         rec = torch.zeros(layers, m, hkv, cfg.record_bytes, dtype=torch.uint8, device="cuda")
-        src = torch.arange(1, m + 1, dtype=torch.int32, device="cuda")
-        dst = torch.arange(m, dtype=torch.int32, device="cuda")
         ms = bench(lambda: store_tiles(kv, src, rec, dst, cfg), warmup=5, rep=50)
         in_bytes = layers * m * hkv * g * d * 2 * 2
         row = {"shape": label, "preset": preset, "layers": layers, "kv_heads": hkv, "head_dim": d,

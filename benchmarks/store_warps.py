@@ -9,6 +9,8 @@ import triton
 from kvarn.format import KVarNConfig
 from kvarn.kernels.store import store_tiles
 
+from kernels import store_inputs     # benchmarks/kernels.py (this folder is sys.path[0])
+
 
 def main(out_path):
     layers, hkv, d, tokens = 32, 8, 128, 16384
@@ -16,13 +18,7 @@ def main(out_path):
            "command": " ".join(sys.argv), "rows": []}
     for preset in ("kvarn_k4v2_g128", "kvarn_k4v4_g128"):
         cfg = KVarNConfig.from_name(preset, d)
-        g = cfg.group_size
-        m = tokens // g - 1
-        gen = torch.Generator(device="cuda").manual_seed(1)
-        chan = torch.rand(d, device="cuda", generator=gen) * 3 + 0.1
-        kv = (torch.randn(layers, 2, m + 1, hkv, g, d, device="cuda", generator=gen) * chan).half()
-        src = torch.arange(1, m + 1, dtype=torch.int32, device="cuda")
-        dst = torch.arange(m, dtype=torch.int32, device="cuda")
+        kv, src, dst, m = store_inputs(layers, hkv, d, tokens, cfg)
         ref = torch.zeros(layers, m, hkv, cfg.record_bytes, dtype=torch.uint8, device="cuda")
         store_tiles(kv, src, ref, dst, cfg)
         for w in (None, 8, 2):

@@ -146,9 +146,14 @@ class EngineLoop:
             self._streams.pop(request_id, None)
 
     def shutdown(self) -> None:
+        """Stop the loop thread, then shut the engine down (its TP ranks included)."""
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=30)
+        try:
+            self.engine.shutdown()
+        except Exception:  # noqa: BLE001 - best effort at replica teardown
+            pass
 
     # -- loop thread -------------------------------------------------------------------
 
@@ -648,7 +653,3 @@ class DecodeServer:
         loop = getattr(self, "loop", None)
         if loop is not None:
             loop.shutdown()
-            try:
-                self.engine.shutdown()
-            except Exception:  # noqa: BLE001
-                pass

@@ -116,7 +116,3 @@ class PrefillServer:
         loop = getattr(self, "loop", None)
         if loop is not None:
             loop.shutdown()
-            try:
-                self.engine.shutdown()
-            except Exception:  # noqa: BLE001
-                pass

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from kvarn.attention.base import AttentionBackend
 from kvarn.kernels.reference import ref_paged_attention, ref_write_kv

@@ -12,14 +12,25 @@ Semantics are ``ref_paged_decode_attention``'s; which logical blocks are records
 which fp16 follows from N alone (layout diagram: kvarn/kernels/reference.py). The
 shared tile math (``_fp16_tile``, ``_record_tile``) is reused by extend_attention.py.
 
-Dequantization is folded into the attention (KVARN_FORMAT.md, Reading): with
-K[t,d] = (ck[d,t] ks[d] + kz[d]) kt[t] and V[t,d] = (cv[t,d] vs[t] + vz[t]) vc[d],
+A record is read once, as codes, and never expanded to fp16 K/V in memory. With
+K[t,d] = (ck[d,t] ks[d] + kz[d]) kt[t] and V[t,d] = (cv[t,d] vs[t] + vz[t]) vc[d]
+(KVARN_FORMAT.md, Reading) there are two ways to apply the scales:
+
+  default (``rec_deq=True``, ``_record_tile_deq``): per-channel K and per-token V scale
+  and zero are applied to the unpacked codes in registers (one fp16 FMA per code pair),
+  the per-token kt and per-channel vc after the dots:
+
+    s[h,t]   = kt[t] * sum_d q[h,d] (ck[d,t] ks[d] + kz[d])          tl.dot
+    o[h,d]  += vc[d] * sum_t p[h,t] (cv[t,d] vs[t] + vz[t])          tl.dot
+
+  folded (``rec_deq=False``, ``_record_tile``; the extend kernel's path): the scales go
+  into q and p and the zeros become rank-1 terms,
 
     s[h,t]   = kt[t] * ( sum_d (q[h,d] ks[d]) ck[d,t]  +  sum_d q[h,d] kz[d] )
-                              tl.dot on fp16 codes          rank-1 term, per row h
     o[h,d]  += vc[d] * ( sum_t (p[h,t] vs[t]) cv[t,d]  +  sum_t p[h,t] vz[t] )
 
-so a record is read once, as codes, and never expanded to fp16 K/V in memory.
+  which costs two extra cross-warp reductions per piece (H100: 1.22 vs 1.04 ms at
+  B=64, N=16K; benchmarks/NOTES.md attempt 18).
 
 Tiling (grid and work split):
 
@@ -38,8 +49,9 @@ Tiling (grid and work split):
 
         fp16 piece (BLOCK_N keys)        s^T [BLOCK_N, 16] = K [BLOCK_N, D] @ q^T [D, 16]
                                          acc [D, 16]      += V^T [D, BLOCK_N] @ p [BLOCK_N, 16]
-        record, per 64-token piece       s^T [64, 16]     = codesK^T [64, D] @ (q*ks)^T [D, 16]
-                                         acc [D, 16]      += codesV^T [D, 64] @ (p*vs) [64, 16]
+        record, per 64-token piece       s^T [64, 16]     = Kdeq^T [64, D] @ q^T [D, 16]
+                                         acc [D, 16]      += Vdeq^T [D, 64] @ p [64, 16]
+                                         (Kdeq, Vdeq: codes with scale and zero, fp16)
 
     A record's codes are unpacked 2 per int32 op into a permuted order (``_code_order``):
     score row i is token k_tok[i] and acc row c is channel v_chan[c]; scales are loaded
