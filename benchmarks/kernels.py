@@ -30,6 +30,7 @@ dequantize-then-attend reference for a few sequences of the batch).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -39,6 +40,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 SHAPES = [  # (label, batch, context, Hq, Hkv, D)
     ("B1_N4K", 1, 4096, 32, 8, 128),
@@ -241,6 +243,69 @@ def decode_row(label, args, copy_bw) -> dict:
     return row
 
 
+def graph_latency(label, copies: int = 16, replays: int = 50) -> dict:
+    """Small-batch latency without the CPU in it and with L2 cold: ``copies`` distinct
+    caches of the shape (one PagedCase of batch * copies sequences, each with its own
+    memory) are called one after another inside one CUDA graph, as the engine replays
+    decode; time per call = graph time / copies. do_bench's per-call events instead
+    include whatever launch latency the GPU waits on, which for a ~30 us kernel made the
+    B=1 rows bimodal (NOTES.md attempt 17)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from kvarn.format import KVarNConfig
+    from kvarn.kernels.decode_attention import paged_decode_attention
+    _, b, n, hq, hkv, d = next(s for s in SHAPES if s[0] == label)
+    cfg = KVarNConfig.from_name(PRESET, d)
+    case = PagedCase(b * copies, n, hq, hkv, d, cfg)
+    sl = [slice(i * b, (i + 1) * b) for i in range(copies)]
+    outs = [torch.empty_like(case.q[s]) for s in sl]
+    backend = sdpa_backend_name(case)
+
+    def sdpa(i):
+        q = case.q[sl[i], :, None, :]
+        return F.scaled_dot_product_attention(q, case.k_sdpa[sl[i]], case.v_sdpa[sl[i]], enable_gqa=True)
+
+    fns = {
+        "kvarn": lambda i: paged_decode_attention(case.q[sl[i]], case.kv, case.records, case.bt[sl[i]],
+                                                  case.lens[sl[i]], cfg, out=outs[i]),
+        "fp16": lambda i: paged_decode_attention(case.q[sl[i]], case.kv_full, None, case.bt_full[sl[i]],
+                                                 case.lens[sl[i]], None, out=outs[i]),
+        "sdpa": sdpa,
+    }
+    row = {"shape": label, "copies": copies, "replays": replays, "sdpa_backend": backend}
+    for name, fn in fns.items():
+        ctx = sdpa_kernel(SDPBackend.FLASH_ATTENTION) if (name == "sdpa" and backend == "flash") \
+            else contextlib.nullcontext()
+        with ctx:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for i in range(copies):      # compile / warm outside the capture
+                    fn(i)
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for i in range(copies):
+                    fn(i)
+        times = []
+        for _ in range(5):
+            g.replay()
+        torch.cuda.synchronize()
+        for _ in range(replays):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            g.replay()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1) / copies)
+        times.sort()
+        row[name] = {"ms_median": times[len(times) // 2], "ms_min": times[0], "ms_max": times[-1]}
+        del g
+    row["kvarn_over_sdpa"] = row["kvarn"]["ms_median"] / row["sdpa"]["ms_median"]
+    del case
+    torch.cuda.empty_cache()
+    return row
+
+
 def decode_rows(args, copy_bw, log):
     """Each shape in its own process: a kernel fault poisons the CUDA context, and one
     shape's failure must not take the others' numbers with it."""
@@ -268,19 +333,21 @@ def decode_rows(args, copy_bw, log):
 def decode_variants(case: PagedCase) -> list:
     """KVarN decode under other launch settings (for choosing the defaults); each variant's
     output is compared with the default launch's (max abs difference)."""
-    from kvarn.kernels.decode_attention import default_num_splits
-    base = default_num_splits(case.batch, case.hkv, case.bt.shape[1], case.q.device)
+    from kvarn.kernels.decode_attention import default_launch, default_num_splits
+    slots = default_launch(case.cfg, case.cfg.group_size, case.d)[3]
+    base = default_num_splits(case.batch, case.hkv, case.bt.shape[1], case.q.device, slots)
     ref = case.run_kvarn().float()
-    # maxnreg 0 = no register cap; None = the default for that launch (default_launch)
-    configs = [(4, 2, s, None) for s in sorted({max(1, base // 2), base, base * 2})]
-    configs += [(4, 2, base, r) for r in (0, 168, 128, 96)] + [(4, 3, base, r) for r in (0, 128)]
-    configs += [(8, 2, base, 0)]
-    configs = [c + (False,) for c in configs]
-    # rec_deq: scales/zeros applied to the codes in registers (fewer cross-warp reductions)
-    configs += [(4, 2, base, r, True) for r in (None, 0, 168)] + [(4, 2, base * 2, None, True)]
+    # maxnreg 0 = no register cap; None = the default for that launch (default_launch).
+    # Session 3: rec_joint (one softmax update per two-piece record) against the
+    # session-2 default (rec_deq, per-piece updates); the earlier sweeps are in NOTES.md.
+    configs = [dict(rec_joint=False), dict(rec_joint=False, maxnreg=168)]
+    configs += [dict(rec_joint=True, maxnreg=r) for r in (None, 168, 0)]
+    configs += [dict(rec_joint=True, num_splits=s) for s in sorted({max(1, base // 2), base * 2})]
+    configs += [dict(rec_joint=True, num_warps=8, maxnreg=0)]
     out = []
-    for warps, stages, splits, maxnreg, rec_deq in configs:
-        kw = dict(num_warps=warps, num_stages=stages, num_splits=splits, maxnreg=maxnreg, rec_deq=rec_deq)
+    for cfg in configs:
+        kw = dict(num_warps=4, num_stages=2, num_splits=base, maxnreg=None, rec_deq=True)
+        kw.update(cfg)
         try:
             diff = (case.run_kvarn(**kw).float() - ref).abs().max().item()
             ms = bench(lambda: case.run_kvarn(**kw), rep=100)
@@ -487,6 +554,8 @@ def main():
     ap.add_argument("--shapes", nargs="*", help="only these shape labels")
     ap.add_argument("--variants", nargs="*", default=[], help="shape labels to sweep launch settings on")
     ap.add_argument("--no-store", action="store_true")
+    ap.add_argument("--graph-latency", nargs="*", default=[],
+                    help="shape labels to time also as CUDA-graph replays over distinct caches (L2 cold)")
     ap.add_argument("--plot", metavar="JSON", help="plot a results file (no GPU needed) and exit")
     ap.add_argument("--diag", nargs="*", help="run small GPU cases one per process (all if none named)")
     ap.add_argument("--diag-one", help=argparse.SUPPRESS)
@@ -526,6 +595,13 @@ def main():
     res["copy_bw_Bps"] = copy_bandwidth()
     log(f"copy bandwidth {res['copy_bw_Bps'] / 1e12:.3f} TB/s (read + write)")
     res["decode"] = decode_rows(args, res["copy_bw_Bps"], log)
+    if args.graph_latency:
+        res["graph_latency"] = []
+        for label in args.graph_latency:
+            r = graph_latency(label, copies=8 if "128K" in label else 16)
+            res["graph_latency"].append(r)
+            log(f"graph {label:12s} kvarn {r['kvarn']['ms_median']:.4f} fp16 {r['fp16']['ms_median']:.4f} "
+                f"sdpa {r['sdpa']['ms_median']:.4f} ms per call (kvarn/sdpa {r['kvarn_over_sdpa']:.2f})")
     if not args.no_store:
         res["store"] = store_rows(args, log)
     json.dump(res, open(args.out, "w"), indent=1)

@@ -296,6 +296,58 @@ def _record_tile_deq(acc, m, l, q16, rec, k_tok, v_chan, magic, G: tl.constexpr,
 
 
 @triton.jit
+def _record_tile_joint(acc, m, l, lt, q16, rec, k_tok, v_chan, magic, G: tl.constexpr, D: tl.constexpr,
+                       K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+                       OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KZ: tl.constexpr,
+                       OFF_KT: tl.constexpr, OFF_VC: tl.constexpr, OFF_VCH: tl.constexpr,
+                       OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr):
+    """``_record_tile_deq`` for a record of exactly two pieces (G = 2 * HALF), with one
+    softmax update per record instead of one per piece: both pieces' scores first, one
+    cross-warp max over max(s0, s1), and no cross-warp sum at all. The row sums stay
+    a per-element partial ``lt`` [HALF, R] (lt = lt * alpha + p0 + p1) that the caller
+    reduces once after the record loop; l (the sink's sum) is only rescaled.
+    """
+    offs_d = tl.arange(0, D)
+    rec16 = rec.to(tl.pointer_type(tl.float16))
+    rec32 = rec.to(tl.pointer_type(tl.int32))
+    HALF: tl.constexpr = k_tok.shape[0]
+    KW: tl.constexpr = G * K_BITS // 32
+    KWH: tl.constexpr = HALF * K_BITS // 32
+    VW: tl.constexpr = D * V_BITS // 32
+    ks = tl.load(rec16 + OFF_KS // 2 + offs_d)
+    kz = (tl.load(rec16 + OFF_KZ // 2 + offs_d).to(tl.float32)
+          + (1 << (K_BITS - 1)) * ks.to(tl.float32)).to(tl.float16)
+    vch = tl.load(rec16 + OFF_VCH // 2 + v_chan).to(tl.float32)
+    tok1 = HALF + k_tok
+    kt0 = tl.load(rec16 + OFF_KT // 2 + k_tok).to(tl.float32)
+    kt1 = tl.load(rec16 + OFF_KT // 2 + tok1).to(tl.float32)
+    kw_row = rec32 + OFF_KC // 4 + offs_d[:, None] * KW + tl.arange(0, KWH)[None, :]
+    kd0 = _unpack_words(tl.load(kw_row), K_BITS, magic) * ks[:, None] + kz[:, None]
+    kd1 = _unpack_words(tl.load(kw_row + KWH), K_BITS, magic) * ks[:, None] + kz[:, None]
+    s0 = tl.dot(tl.trans(kd0), q16) * kt0[:, None]                               # [HALF, R]
+    s1 = tl.dot(tl.trans(kd1), q16) * kt1[:, None]
+    m_new = tl.maximum(m, tl.max(tl.maximum(s0, s1), axis=0))
+    alpha = tl.exp2(m - m_new)
+    p0 = tl.exp2(s0 - m_new[None, :])
+    p1 = tl.exp2(s1 - m_new[None, :])
+    lt = lt * alpha[None, :] + (p0 + p1)
+    l = l * alpha
+    vs0 = tl.load(rec16 + OFF_VS // 2 + k_tok)
+    vs1 = tl.load(rec16 + OFF_VS // 2 + tok1)
+    vz0 = (tl.load(rec16 + OFF_VZ // 2 + k_tok).to(tl.float32)
+           + (1 << (V_BITS - 1)) * vs0.to(tl.float32)).to(tl.float16)
+    vz1 = (tl.load(rec16 + OFF_VZ // 2 + tok1).to(tl.float32)
+           + (1 << (V_BITS - 1)) * vs1.to(tl.float32)).to(tl.float16)
+    vw_row = rec32 + OFF_VC // 4 + tl.arange(0, VW)[None, :]
+    vd0 = _unpack_words(tl.load(vw_row + k_tok[:, None] * VW), V_BITS, magic) * vs0[:, None] + vz0[:, None]
+    vd1 = _unpack_words(tl.load(vw_row + tok1[:, None] * VW), V_BITS, magic) * vs1[:, None] + vz1[:, None]
+    o = tl.dot(tl.trans(vd0), p0.to(tl.float16))                                  # [D, R]
+    o = tl.dot(tl.trans(vd1), p1.to(tl.float16), o)
+    acc = acc * alpha[None, :] + o * vch[:, None]
+    return acc, m_new, l, lt
+
+
+@triton.jit
 def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, plse_ptr,
                    qk_scale, magic,
                    stride_qb, stride_qh, stride_kv, stride_fb, stride_fh,
@@ -303,7 +355,7 @@ def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, pls
                    HKV, HQ, num_splits,
                    QH: tl.constexpr, BLOCK_H: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
                    REC_SUB: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, IS_KVARN: tl.constexpr,
-                   REC_DEQ: tl.constexpr,
+                   REC_DEQ: tl.constexpr, REC_JOINT: tl.constexpr,
                    K_BITS: tl.constexpr, V_BITS: tl.constexpr,
                    OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KZ: tl.constexpr,
                    OFF_KT: tl.constexpr, OFF_VC: tl.constexpr, OFF_VCH: tl.constexpr,
@@ -350,16 +402,25 @@ def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, pls
                              row_pos, n_ctx, G, BLOCK_N, D, V_PERM)
     if IS_KVARN:
         rec_head = rec_ptr + kvh.to(tl.int64) * stride_rh
-        for i in range(tl.maximum(start, 1), tl.minimum(end, n_rec + 1)):
-            blk = tl.load(bt + i).to(tl.int64)
-            if REC_DEQ:
-                acc, m, l = _record_tile_deq(acc, m, l, q16, rec_head + blk * stride_rb, k_tok, v_chan,
-                                             magic, G, D, K_BITS, V_BITS, OFF_KC, OFF_KS, OFF_KZ, OFF_KT,
+        if REC_JOINT:
+            lt = tl.zeros([REC_SUB, BLOCK_H], tl.float32)
+            for i in range(tl.maximum(start, 1), tl.minimum(end, n_rec + 1)):
+                blk = tl.load(bt + i).to(tl.int64)
+                acc, m, l, lt = _record_tile_joint(acc, m, l, lt, q16, rec_head + blk * stride_rb, k_tok, v_chan,
+                                                   magic, G, D, K_BITS, V_BITS, OFF_KC, OFF_KS, OFF_KZ, OFF_KT,
+                                                   OFF_VC, OFF_VCH, OFF_VS, OFF_VZ)
+            l = l + tl.sum(lt, axis=0)
+        else:
+            for i in range(tl.maximum(start, 1), tl.minimum(end, n_rec + 1)):
+                blk = tl.load(bt + i).to(tl.int64)
+                if REC_DEQ:
+                    acc, m, l = _record_tile_deq(acc, m, l, q16, rec_head + blk * stride_rb, k_tok, v_chan,
+                                                 magic, G, D, K_BITS, V_BITS, OFF_KC, OFF_KS, OFF_KZ, OFF_KT,
+                                                 OFF_VC, OFF_VCH, OFF_VS, OFF_VZ)
+                else:
+                    acc, m, l = _record_tile(acc, m, l, qf, rec_head + blk * stride_rb, k_tok, v_chan, magic,
+                                             G, D, K_BITS, V_BITS, OFF_KC, OFF_KS, OFF_KZ, OFF_KT,
                                              OFF_VC, OFF_VCH, OFF_VS, OFF_VZ)
-            else:
-                acc, m, l = _record_tile(acc, m, l, qf, rec_head + blk * stride_rb, k_tok, v_chan, magic,
-                                         G, D, K_BITS, V_BITS, OFF_KC, OFF_KS, OFF_KZ, OFF_KT,
-                                         OFF_VC, OFF_VCH, OFF_VS, OFF_VZ)
     acc, m, l = _fp16_blocks(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb,      # the tail
                              tl.maximum(start, n_rec + 1) * SUB, tl.minimum(end * SUB, last_sub),
                              row_pos, n_ctx, G, BLOCK_N, D, V_PERM)
@@ -417,33 +478,51 @@ def fp16_block_n(g: int, d: int) -> int:
     return max(16, min(g, 8192 // d))
 
 
-def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int, device: torch.device) -> int:
-    """Split-K factor from shapes alone: about 8 programs per SM, >= 2 blocks per split.
+def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int, device: torch.device,
+                       slots_per_sm: int | None = None) -> int:
+    """Split-K factor from shapes alone (>= 2 blocks per split, at most 64).
 
-    H100 sweeps (benchmarks/NOTES.md): B=1, N=4K best at 16 splits (2 blocks each,
-    0.023 ms vs 0.031 at 8); B=1, N=128K flat from 32 to 128; B=64, N=16K flat 1-4;
-    B=16, N=16K 0.347 ms at 10 vs 0.364 at 5; D=64 9/3 heads B=64, N=16K 0.330 ms at 6
-    vs 0.411 at 3 (with 4 CTAs per SM resident, 4 programs per SM left SMs idle).
+    slots_per_sm None (the fp16 path): about 8 programs per SM. H100 sweeps
+    (benchmarks/NOTES.md): B=1, N=4K best at 16 splits (2 blocks each, 0.023 ms vs 0.031
+    at 8); B=1, N=128K flat from 32 to 128; B=64, N=16K flat 1-4.
+
+    slots_per_sm given (the KVarN path: programs resident per SM at its launch): the s
+    minimising waves(s) * (blocks per split + 1), waves(s) = ceil(programs * s / slots),
+    the 1 standing for a split's fixed cost (q, init, partial write, merge). It ranks the
+    H100 sweeps of the joint-softmax kernel the way they measured (NOTES.md attempt 19):
+    B16 N16K 4 < 18 < 9 splits, D=64 B64 N16K 12 < 6 < 3, B64 N16K and B128 N8K 1 split.
     """
-    want = triton.cdiv(8 * _sm_count(device), max(batch * num_kv_heads, 1))
-    return max(1, min(want, triton.cdiv(max_blocks, 2), 64))
+    sms = _sm_count(device)
+    cap = max(1, min(triton.cdiv(max_blocks, 2), 64))
+    programs = max(batch * num_kv_heads, 1)
+    if slots_per_sm is None:
+        return max(1, min(triton.cdiv(8 * sms, programs), cap))
+    slots = slots_per_sm * sms
+    best, best_cost = 1, None
+    for s in range(1, cap + 1):
+        cost = triton.cdiv(programs * s, slots) * (triton.cdiv(max_blocks, s) + 1)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = s, cost
+    return best
 
 
-def default_launch(cfg: KVarNConfig | None, g: int, d: int) -> tuple[int, int | None, int]:
-    """(num_warps, maxnreg, rec_sub) for the decode kernel; H100 sweeps in benchmarks/NOTES.md.
+def default_launch(cfg: KVarNConfig | None, g: int, d: int) -> tuple[int, int | None, int, int | None]:
+    """(num_warps, maxnreg, rec_sub, slots_per_sm) for the decode kernel; H100 sweeps in
+    benchmarks/NOTES.md. slots_per_sm: CTAs resident per SM at that launch (registers
+    bound it), for ``default_num_splits``; None keeps the fp16 path's split rule.
 
-    KVarN G = 128: 4 warps; at D <= 128 a 128-register cap (202 -> 128, a few spills)
-    lets 4 CTAs share an SM instead of 2: B64_N16K 1.46 -> 1.22 ms. At D = 256 the cap
-    spills heavily and 4 warps uncapped is fastest (B16_N16K 0.57 ms at 8 warps -> 0.33).
-    G = 64 records miscompile on Triton 3.6 at 4 warps (illegal address at D = 64, wrong
-    results at D = 256): 8 warps, and at D = 256 32-token record pieces (8 warps with
-    64-token pieces faults there). The fp16 path: 4 warps at D <= 128, else 8.
+    KVarN G = 128: 4 warps; at D <= 128 a 128-register cap (a few spills) lets 4 CTAs
+    share an SM instead of 2: B64_N16K 1.46 -> 1.22 ms. At D = 256 the cap spills
+    heavily and 4 warps uncapped is fastest (B16_N16K 0.57 ms at 8 warps -> 0.33), 2 CTAs
+    per SM. G = 64 records miscompile on Triton 3.6 at 4 warps (illegal address at D = 64,
+    wrong results at D = 256): 8 warps, and at D = 256 32-token record pieces (8 warps
+    with 64-token pieces faults there). The fp16 path: 4 warps at D <= 128, else 8.
     """
     if cfg is None:
-        return (4 if d <= 128 else 8), None, min(g, 64)
+        return (4 if d <= 128 else 8), None, min(g, 64), None
     if g <= 64:
-        return 8, None, (32 if d >= 256 else min(g, 64))
-    return 4, (128 if d <= 128 else None), 64
+        return 8, None, (32 if d >= 256 else min(g, 64)), None
+    return 4, (128 if d <= 128 else None), 64, (4 if d <= 128 else 2)
 
 
 def check_paged_args(q, kv_fp16, records, block_tables, context_lens, cfg, q_dims: int):
@@ -510,7 +589,7 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
                            out: torch.Tensor | None = None, num_warps: int | None = None,
                            num_stages: int | None = None, block_h: int | None = None,
                            rec_sub: int | None = None, maxnreg: int | None = None,
-                           rec_deq: bool = True) -> torch.Tensor:
+                           rec_deq: bool = True, rec_joint: bool | None = None) -> torch.Tensor:
     """Decode attention: q [B, Hq, D] (cache frame) -> [B, Hq, D], ``ref_paged_decode_attention`` semantics.
 
     cfg None (records None) reads an fp16 (or bf16) cache with the same kernel.
@@ -537,8 +616,10 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
     if bsz == 0:
         return out
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    warps0, maxnreg0, rec_sub0, slots0 = default_launch(cfg, g, d)
     if num_splits is None:
-        num_splits = default_num_splits(bsz, hkv, block_tables.shape[1], q.device)
+        num_splits = default_num_splits(bsz, hkv, block_tables.shape[1], q.device,
+                                        slots0 if (num_warps or warps0) == warps0 else None)
     num_splits = max(1, int(num_splits))
     block_h = max(16, triton.next_power_of_2(qh), block_h or 0)
     if num_splits > 1:
@@ -548,11 +629,13 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
         po = plse = out
     rec = records if records is not None else kv_fp16
     srb, srh = (records.stride(0), records.stride(1)) if records is not None else (0, 0)
-    warps0, maxnreg0, rec_sub0 = default_launch(cfg, g, d)
     num_warps = num_warps or warps0
     if maxnreg is None and num_warps == warps0:
         maxnreg = maxnreg0
     rec_sub = rec_sub or rec_sub0
+    if rec_joint is None:
+        rec_joint = True
+    rec_joint = bool(rec_joint) and rec_deq and cfg is not None and g == 2 * rec_sub
     if q.device.type != "cuda":
         maxnreg = None      # the interpreter takes no register cap
     if num_stages is None:
@@ -564,6 +647,7 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
         srb, srh, block_tables.stride(0), out.stride(0), out.stride(1),
         hkv, hq, num_splits,
         QH=qh, BLOCK_H=block_h, G=g, BLOCK_N=fp16_block_n(g, d), REC_SUB=rec_sub, D=d, REC_DEQ=bool(rec_deq),
+        REC_JOINT=rec_joint,
         SPLIT=num_splits > 1,
         **record_constexprs(cfg),
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),

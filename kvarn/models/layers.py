@@ -113,20 +113,51 @@ def _add_rms_norm(
     return _rms_norm(x, weight, eps), x
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, except for few rows of fp32 on the CPU: there ``W @ x.T`` (the weight
-    as the untransposed operand) runs 1.4-4x faster than ``x @ W.T`` on this machine's
-    MKL/oneDNN path at 2-8 rows (decode steps; lm_head at 8 rows 16.5 -> 7.4 ms) and
-    equal at 16; prefill-sized inputs keep ``F.linear``. Same math, another summation
-    order (fp32 rounding differences only)."""
-    if (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= _SMALL_M_ROWS
-            and x.dtype == torch.float32 and weight.dtype == torch.float32):
-        y = torch.mm(weight, x.t()).t().contiguous()
-        return y if bias is None else y + bias
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           packed: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, with two CPU fp32 fast paths (same math, another summation order):
+
+    - ``packed`` (oneDNN's blocked copy of ``weight``, from ``prepack_cpu_linears``): any
+      number of rows through ``mkldnn._linear_pointwise``. Batch-1 decode streams the
+      weights at 15 GB/s instead of 10 on the 2-core CI machine, batch 8 at 19 GB/s
+      instead of 8 (425 MB of SmolLM2 layer weights, cold; benchmarks/NOTES.md).
+    - few rows without a packed copy: ``W @ x.T`` (the weight as the untransposed operand)
+      runs 1.4-4x faster than ``x @ W.T`` on MKL at 2-8 rows.
+    """
+    if x.device.type == "cpu" and x.dim() == 2 and x.dtype == torch.float32 and weight.dtype == torch.float32:
+        if packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+        if x.shape[0] <= _SMALL_M_ROWS:
+            y = torch.mm(weight, x.t()).t().contiguous()
+            return y if bias is None else y + bias
     return F.linear(x, weight, bias)
 
 
 _SMALL_M_ROWS = 8
+
+
+def prepack_cpu_linears(model: nn.Module) -> int:
+    """Give every fp32 CPU linear (and LM head) a oneDNN-packed copy of its weight, used by
+    ``linear``; returns how many were packed. Call it after the weights are final: a copy
+    packed before a weight changes goes stale (``load_model`` calls it last; ``drop_cpu_packs``
+    undoes it). Costs one more copy of those weights in host memory.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    n = 0
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if (isinstance(m, (_ParallelLinear, ParallelLMHead)) and w is not None
+                and w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2):
+            m._cpu_packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+            n += 1
+    return n
+
+
+def drop_cpu_packs(model: nn.Module) -> None:
+    for m in model.modules():
+        if getattr(m, "_cpu_packed", None) is not None:
+            m._cpu_packed = None
 
 
 class RMSNorm(nn.Module):
@@ -238,6 +269,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class _ParallelLinear(nn.Module):
+    _cpu_packed = None   # oneDNN-packed weight on CPU fp32 (prepack_cpu_linears)
+
     def __init__(
         self,
         in_features: int,
@@ -281,7 +314,7 @@ class ColumnParallelLinear(_ParallelLinear):
         param.data.copy_(loaded_weight.narrow(0, self.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self._cpu_packed)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -369,8 +402,8 @@ class RowParallelLinear(_ParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return linear(x, self.weight, self.bias)
-        y = tp_all_reduce(linear(x, self.weight))
+            return linear(x, self.weight, self.bias, self._cpu_packed)
+        y = tp_all_reduce(linear(x, self.weight, packed=self._cpu_packed))
         return y if self.bias is None else y + self.bias
 
 
@@ -422,8 +455,10 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Output projection sharded by vocab rows: ``lm_head(h [N, hidden]) -> logits [N, V]``,
     the full vocab on every rank."""
 
+    _cpu_packed = None   # see prepack_cpu_linears
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden, self.weight)
+        logits = linear(hidden, self.weight, packed=self._cpu_packed)
         if self.tp_size > 1:
             logits = tp_all_gather(logits, dim=-1)
         return logits[..., : self.num_embeddings]

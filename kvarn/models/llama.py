@@ -48,6 +48,7 @@ from kvarn.models.layers import (
     SiluAndMul,
     VocabParallelEmbedding,
     apply_rotary,
+    drop_cpu_packs,
 )
 
 __all__ = ["LlamaForCausalLM", "LlamaSpec", "rope_settings"]
@@ -306,6 +307,7 @@ class LlamaForCausalLM(nn.Module):
         With ``strict``, an unknown name or a parameter left (partly) unloaded raises
         ValueError. Returns the names of the parameters loaded.
         """
+        drop_cpu_packs(self)          # packed CPU copies of the old weights would go stale
         params = dict(self.named_parameters())
         full_shapes = dict(_checkpoint_shapes(self.spec))
         loaded: dict[str, set] = {}

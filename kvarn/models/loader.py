@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
+from kvarn.models.layers import prepack_cpu_linears
 from kvarn.models.llama import rope_settings
 from kvarn.models.registry import get_model_class
 from kvarn.models.resolve import MARKER_FILE, resolve
@@ -267,4 +268,5 @@ def load_model(
     else:
         net.load_weights(iter_safetensors(folder))
     net.eval().requires_grad_(False)
+    prepack_cpu_linears(net)      # CPU fp32 only; a no-op elsewhere
     return net, hf_config

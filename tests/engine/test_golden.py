@@ -32,7 +32,11 @@ def test_cpu_batched_decode_equals_reference(preset):
         records = torch.zeros(20, hkv, cfg.record_bytes, dtype=torch.uint8)
         ref_store_tiles(kv[None], torch.arange(10, 20), records[None], torch.arange(0, 10), cfg)
     lens = [1, 63, 64, 65, 128, 129, 200, 300]
-    tables = torch.zeros(len(lens), 6, dtype=torch.int32)
+    # Slots no sequence wrote hold garbage, here NaN: the table padding of the shorter
+    # sequences (block 39) and the unwritten rows of the 1-token sequence's block 20.
+    kv[:, 39] = float("nan")
+    kv[:, 20, :, 1:] = float("nan")
+    tables = torch.full((len(lens), 6), 39, dtype=torch.int32)
     for b, n in enumerate(lens):
         nrec = max((n - 1) // g - 1, 0) if cfg else 0
         nb = math.ceil(n / g)

@@ -136,6 +136,14 @@ def test_decode_folded_scales_variant(preset, d, qh, lens, splits):
     run_case(preset, d, qh, lens, splits, rec_deq=False)
 
 
+@pytest.mark.parametrize("preset,d,qh,lens,splits,rec_sub", [
+    CASES[3] + (None,), CASES[4] + (None,), CASES[0] + (32,), CASES[5] + (32,)])
+def test_decode_joint_record_softmax_variant(preset, d, qh, lens, splits, rec_sub):
+    """rec_joint=True: one softmax update per two-piece record, the row sums kept as a
+    per-element partial until after the record loop; the same accuracy bar."""
+    run_case(preset, d, qh, lens, splits, rec_joint=True, rec_sub=rec_sub)
+
+
 def test_decode_zero_length_rows_are_zero():
     """CUDA-graph padding rows (context 0) come out finite (zeros), not garbage."""
     cfg = KVarNConfig.from_name("kvarn_k4v2_g64", 64)
@@ -186,6 +194,14 @@ def test_decode_gpu_large(preset, d, qh, lens, splits):
 @pytest.mark.parametrize("preset,d,qh,lens,splits", [c for c in GPU_CASES if c[0]])
 def test_decode_gpu_large_folded_scales(preset, d, qh, lens, splits):
     run_case(preset, d, qh, lens, splits, hkv=4, seed=3, rec_deq=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset,d,qh,lens,splits", [c for c in GPU_CASES if c[0]])
+@pytest.mark.parametrize("joint", [True, False])
+def test_decode_gpu_large_joint_flag(preset, d, qh, lens, splits, joint):
+    """Both settings of rec_joint at large shapes (it applies where a record is two pieces)."""
+    run_case(preset, d, qh, lens, splits, hkv=4, seed=5, rec_joint=joint)
 
 
 @pytest.mark.gpu
