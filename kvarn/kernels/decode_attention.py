@@ -65,6 +65,7 @@ call can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -492,9 +493,14 @@ def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int, device: t
     H100 sweeps of the joint-softmax kernel the way they measured (NOTES.md attempt 19):
     B16 N16K 4 < 18 < 9 splits, D=64 B64 N16K 12 < 6 < 3, B64 N16K and B128 N8K 1 split.
     """
-    sms = _sm_count(device)
+    return _splits(max(batch * num_kv_heads, 1), max_blocks, _sm_count(device), slots_per_sm)
+
+
+@functools.lru_cache(maxsize=4096)
+def _splits(programs: int, max_blocks: int, sms: int, slots_per_sm: int | None) -> int:
+    # cached: the search below is ~100 us of Python, which a ~20 us kernel launched
+    # eagerly would wait on
     cap = max(1, min(triton.cdiv(max_blocks, 2), 64))
-    programs = max(batch * num_kv_heads, 1)
     if slots_per_sm is None:
         return max(1, min(triton.cdiv(8 * sms, programs), cap))
     slots = slots_per_sm * sms
