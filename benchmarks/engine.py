@@ -423,11 +423,54 @@ def run_gpu(args) -> dict:
     return out
 
 
+def plot(path: Path) -> Path:
+    """Throughput against context (each cache at its own max batch, and KVarN at fp16's
+    batch), with the capacity ratio on a second axis, from a --gpu results file."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    res = json.loads(Path(path).read_text())
+    runs = res["runs"]
+    kv = next(k.split("@")[0] for r in runs for k in r if k.endswith("@kvarn_max_batch") and not k.startswith("auto"))
+    ctx = [r["context"] for r in runs]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    series = [("auto@fp16_max_batch", "fp16 cache, its max batch", "C1", "o-"),
+              (f"{kv}@kvarn_max_batch", f"{kv}, its max batch", "C0", "s-"),
+              (f"{kv}@fp16_max_batch", f"{kv}, fp16's batch", "C0", "s--")]
+    for key, label, color, style in series:
+        pts = [(c, r[key]["tok_s"], r[key]["batch"]) for c, r in zip(ctx, runs) if "tok_s" in r.get(key, {})]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=label)
+        for c, t, b in pts:
+            ax.annotate(f"B={b}", (c, t), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(ctx)
+    ax.set_xticklabels([f"{c // 1024}K" for c in ctx])
+    ax.set_xlabel("context (tokens per sequence)")
+    ax.set_ylabel("decode output tokens/s")
+    ax2 = ax.twinx()
+    ax2.plot(ctx, [r["capacity_ratio"] for r in runs], "^:", color="gray", label="KV capacity ratio")
+    ax2.set_ylabel("KVarN / fp16 KV capacity (tokens)", color="gray")
+    ax2.set_ylim(0, 5)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="lower left")
+    dev = res.get("device", {})
+    ax.set_title(f"decode throughput, {res.get('model', '')} on {dev.get('name', dev) if isinstance(dev, dict) else dev}",
+                 fontsize=9)
+    fig.tight_layout()
+    png = Path(path).with_suffix(".png")
+    fig.savefig(png, dpi=120)
+    print(png)
+    return png
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--cpu", action="store_true")
     mode.add_argument("--gpu", action="store_true")
+    mode.add_argument("--plot", type=Path, metavar="JSON", help="plot a --gpu results file (no GPU needed)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -445,6 +488,9 @@ def main(argv=None):
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--activation-reserve-gib", type=float, default=3.0)
     args = ap.parse_args(argv)
+    if args.plot:
+        plot(args.plot)
+        return
     res = run_cpu(args) if args.cpu else run_gpu(args)
     text = json.dumps(res, indent=2)
     if args.out:
