@@ -57,12 +57,12 @@ def batched_decode_attention(q, kv, records, block_tables, context_lens, context
     s = torch.matmul(qf, k.transpose(-1, -2)) * scale                          # [B, nb, Hkv, QH, G]
     s = s.permute(0, 2, 3, 1, 4).reshape(b, hkv, qh, nb * g)
     visible = torch.arange(nb * g, device=q.device)[None, :] < context_lens.long()[:, None]
-    s = s.masked_fill(~visible[:, None, None, :], float("-inf"))
+    s.masked_fill_(~visible[:, None, None, :], float("-inf"))
     p = torch.softmax(s, dim=-1).view(b, hkv, qh, nb, g).permute(0, 3, 1, 2, 4)   # [B, nb, Hkv, QH, G]
     # Slots past a sequence's length (its tail's unwritten rows, the block-table padding
     # of shorter sequences) hold whatever the pool's memory held: p = 0 there, but
     # 0 * NaN = NaN, so their V rows are zeroed (as the Triton kernel masks them).
-    v = v.masked_fill(~visible.view(b, nb, 1, g, 1), 0.0)
+    v.masked_fill_(~visible.view(b, nb, 1, g, 1), 0.0)
     out = torch.matmul(p, v).sum(dim=1)                                          # [B, Hkv, QH, D]
     return out.reshape(b, hq, d).to(q.dtype)
 
