@@ -10,6 +10,8 @@ import pytest
 
 from conftest import run_to_end
 from kvarn.engine import EngineConfig, LLMEngine, SamplingParams
+from kvarn.models.layers import prepack_cpu_linears
+from kvarn.models.loader import dummy_weights
 
 pytestmark = pytest.mark.gpu
 
@@ -40,7 +42,13 @@ def engines():
     def get(**kw):
         key = tuple(sorted(kw.items()))
         if key not in made:
-            made[key] = LLMEngine(EngineConfig(**TINY, **kw))
+            e = made[key] = LLMEngine(EngineConfig(**TINY, **kw))
+            # dummy weights are drawn on the engine's device, and CUDA's generator gives
+            # other numbers than the CPU's: load the CPU-drawn tensors (in place, so
+            # captured CUDA graphs stay valid) to compare one model across devices
+            w = e.executor.worker
+            w.model.load_weights(dummy_weights(type(w.model).checkpoint_shapes(w.hf_config), 0, "cpu"))
+            prepack_cpu_linears(w.model)
         return made[key]
 
     yield get
@@ -64,12 +72,10 @@ def test_gpu_greedy_tokens_track_the_cpu_path(engines, kv):
     cpu = greedy(engines(kv_cache_dtype=kv, device="cpu"))
     agree = [common_prefix(a, b) for a, b in zip(gpu, cpu)]
     print(f"{kv}: common prefix per prompt {agree} of {NEW}")
-    assert all(a >= 1 for a in agree)
-    assert sum(agree) >= MIN_AGREE[kv]
-
-
-# measured on the H100 (session 3): see the printed prefixes in the run log
-MIN_AGREE = {"auto": 4 * NEW * 3 // 4, "kvarn_k4v2_g128": 4 * NEW * 3 // 4}
+    # H100, commit 84357da+: every prompt identical over all 24 tokens, both caches; the
+    # bound leaves room for one late near-tie flip on another GPU or Triton version
+    assert all(a >= NEW // 2 for a in agree)
+    assert sum(agree) >= 4 * NEW - 8
 
 
 @pytest.mark.parametrize("kv", ["auto", "kvarn_k4v2_g128"])
