@@ -1,5 +1,10 @@
-"""Store kernel under other num_warps on the 8B 16K-token shape: time and byte equality
-with the default launch (a GPU sweep behind benchmarks/NOTES.md's store attempts)."""
+"""Store kernel under other launch settings on the 8B 16K-token shape: time, byte equality
+with the default launch and, for the one-pass variance variant, code flips against the
+torch reference quantizer on the first 4 layers (GPU sweeps behind benchmarks/NOTES.md's
+store attempts).
+
+    PYTHONPATH=. python3 benchmarks/store_warps.py $OUT/store_warps.json
+"""
 import json
 import sys
 
@@ -7,7 +12,9 @@ import torch
 import triton
 
 from kvarn.format import KVarNConfig
+from kvarn.kernels.reference import ref_store_tiles
 from kvarn.kernels.store import store_tiles
+from kvarn.quant.records import unpack_record_fields
 
 from kernels import store_inputs     # benchmarks/kernels.py (this folder is sys.path[0])
 
@@ -21,12 +28,19 @@ def main(out_path):
         kv, src, dst, m = store_inputs(layers, hkv, d, tokens, cfg)
         ref = torch.zeros(layers, m, hkv, cfg.record_bytes, dtype=torch.uint8, device="cuda")
         store_tiles(kv, src, ref, dst, cfg)
-        for w in (None, 8, 2):
+        torch_ref = torch.zeros_like(ref[:4])
+        ref_store_tiles(kv[:4], src, torch_ref, dst, cfg)
+        fr = unpack_record_fields(torch_ref.reshape(-1, cfg.record_bytes), cfg)
+        for w, one_pass in ((None, False), (None, True), (8, True)):
             rec = torch.zeros_like(ref)
-            store_tiles(kv, src, rec, dst, cfg, num_warps=w)
+            store_tiles(kv, src, rec, dst, cfg, num_warps=w, one_pass=one_pass)
             diff = int((rec != ref).sum())
-            ms = triton.testing.do_bench(lambda: store_tiles(kv, src, rec, dst, cfg, num_warps=w), warmup=5, rep=50)
-            row = {"preset": preset, "num_warps": w or "default", "ms": ms, "bytes_differing_from_default": diff}
+            fg = unpack_record_fields(rec[:4].reshape(-1, cfg.record_bytes), cfg)
+            ms = triton.testing.do_bench(lambda: store_tiles(kv, src, rec, dst, cfg, num_warps=w, one_pass=one_pass),
+                                         warmup=5, rep=50)
+            row = {"preset": preset, "num_warps": w or "default", "one_pass": one_pass, "ms": ms,
+                   "bytes_differing_from_default": diff,
+                   "flips_vs_torch_first4layers": {k: int((fg[k] != fr[k]).sum()) for k in fg}}
             print(row, flush=True)
             res["rows"].append(row)
     json.dump(res, open(out_path, "w"), indent=1)
