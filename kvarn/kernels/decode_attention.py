@@ -32,6 +32,13 @@ K[t,d] = (ck[d,t] ks[d] + kz[d]) kt[t] and V[t,d] = (cv[t,d] vs[t] + vz[t]) vc[d
   which costs two extra cross-warp reductions per piece (H100: 1.22 vs 1.04 ms at
   B=64, N=16K; benchmarks/NOTES.md attempt 18).
 
+  Softmax updates: with ``rec_joint`` (the default where a record is two pieces,
+  ``_record_tile_joint``) both pieces' scores are computed first and the online softmax
+  is updated once per record: one cross-warp max over max(s0, s1), and the row sums are
+  kept as a per-element partial lt [HALF, 16] (lt = lt * alpha + p0 + p1) reduced once
+  after the record loop, so no cross-warp sum runs per record (H100 B64 N16K 1.04 ->
+  0.87 ms; NOTES.md attempt 19). Otherwise one update per piece.
+
 Tiling (grid and work split):
 
     grid = (B * Hkv, num_splits)     one program: one sequence, one KV head, and all
@@ -607,7 +614,9 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
     maxnreg (a register cap per thread, traded against occupancy; 0 = no cap; default
     from ``default_launch`` when num_warps is left at its default), rec_deq (records'
     scales and zeros applied to the codes in registers, ``_record_tile_deq``; False:
-    folded into q and the reductions, ``_record_tile``, the extend kernel's way).
+    folded into q and the reductions, ``_record_tile``, the extend kernel's way),
+    rec_joint (default on where a record is exactly two pieces, with rec_deq: one softmax
+    update per record, ``_record_tile_joint``; H100 B64 N16K 1.04 -> 0.87 ms).
     """
     hkv, g, d = check_paged_args(q, kv_fp16, records, block_tables, context_lens, cfg, 3)
     bsz, hq, _ = q.shape
@@ -639,9 +648,7 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
     if maxnreg is None and num_warps == warps0:
         maxnreg = maxnreg0
     rec_sub = rec_sub or rec_sub0
-    if rec_joint is None:
-        rec_joint = True
-    rec_joint = bool(rec_joint) and rec_deq and cfg is not None and g == 2 * rec_sub
+    rec_joint = (rec_joint is None or bool(rec_joint)) and rec_deq and cfg is not None and g == 2 * rec_sub
     if q.device.type != "cuda":
         maxnreg = None      # the interpreter takes no register cap
     if num_stages is None:
