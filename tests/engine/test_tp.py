@@ -54,10 +54,20 @@ def test_tiny_tp2_equals_tp1_and_payloads_cross_tp_sizes(kv):
         assert cont(two, export(one, prompts[0])) == ref[0]
         if kv == "auto":    # full-precision prefill packed to KVarN by each rank, on its device
             import numpy as np
+            import torch
+            from kvarn.cache.kvarn_pool import quantize_tokens
+            from kvarn.format import KVarNConfig
             q1, q2 = export(one, prompts[0], "kvarn_k4v2_g128"), export(two, prompts[0], "kvarn_k4v2_g128")
             assert q2.header["kv_dtype"] == "kvarn_k4v2_g128" and q2.records.shape[2] == 1
-            for name in ("records", "sink", "tail"):
-                assert np.array_equal(getattr(q1, name), getattr(q2, name)), name
+            # per-rank packing == packing TP=2's own full-precision K/V in one place, byte for byte
+            toks = torch.from_numpy(np.concatenate([p2.sink, p2.tail], axis=3))
+            central = quantize_tokens(toks, KVarNConfig.from_name("kvarn_k4v2_g128", toks.shape[-1]))
+            for name, ref_t in zip(("records", "sink", "tail"), central):
+                assert np.array_equal(getattr(q2, name), ref_t.numpy()), name
+            # across TP sizes the K/V differ only by the GEMMs' summation order (oneDNN blocks
+            # a sharded weight differently), so the fp16 sink/tail agree to rounding
+            for name in ("sink", "tail"):
+                assert np.allclose(getattr(q1, name), getattr(q2, name), rtol=0, atol=2e-3), name
     finally:
         one.shutdown()
         two.shutdown()
