@@ -17,6 +17,8 @@ import time
 import httpx
 import pytest
 
+from serve_stats import decode_stats, wait_for_baseline
+
 APP_NAME = "kvarn"
 
 MODEL = "smollm2-135m"
@@ -41,21 +43,6 @@ def _prefill_handle():
     return serve.get_deployment_handle("PrefillServer", app_name=APP_NAME)
 
 
-def decode_stats() -> dict:
-    return _decode_handle().stats.remote().result(timeout_s=60)
-
-
-def wait_for_baseline(timeout_s: float = 60.0) -> dict:
-    """Poll the decode replica until every block is free and no request is in flight."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        s = decode_stats()
-        if (s["num_free_blocks"] == s["baseline_free_blocks"] and not s["has_unfinished_requests"]
-                and s["num_reserved"] == 0 and s["num_waiting"] == 0 and s["num_streams"] == 0):
-            return s
-        if time.monotonic() > deadline:
-            raise AssertionError(f"decode replica did not return to baseline: {s}")
-        time.sleep(0.2)
 
 
 def object_store_bytes_used() -> int:

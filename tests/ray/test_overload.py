@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import httpx
 import pytest
+
+from serve_stats import decode_stats, wait_for_baseline
 
 APP = "kvarn-overload"
 ROUTE = "/overload"
@@ -45,22 +46,11 @@ def overload_app(ray_cluster, deploy_app, kvarn_args):
 
 
 def _stats() -> dict:
-    from ray import serve
-
-    return serve.get_deployment_handle("DecodeServer", app_name=APP).stats.remote().result(
-        timeout_s=60)
+    return decode_stats(APP)
 
 
 def _wait_idle(timeout_s: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        s = _stats()
-        if (s["num_free_blocks"] == s["baseline_free_blocks"] and not s["has_unfinished_requests"]
-                and s["num_reserved"] == 0 and s["num_waiting"] == 0 and s["num_streams"] == 0):
-            return s
-        if time.monotonic() > deadline:
-            raise AssertionError(f"decode replica did not return to baseline: {s}")
-        time.sleep(0.2)
+    return wait_for_baseline(timeout_s, APP)
 
 
 def _text(r: httpx.Response, stream: bool) -> tuple[str, str | None]:
