@@ -263,21 +263,12 @@ def _record_tile(acc, m, l, qf, rec, k_tok, v_chan, magic, G: tl.constexpr, D: t
 
 
 @triton.jit
-def _k_channel_scales(rec16, offs_d, K_BITS: tl.constexpr, OFF_KS: tl.constexpr, OFF_KZ: tl.constexpr):
-    """A record's per-channel K scale ks and the zero of centered codes, kz + C ks (fp16)."""
-    ks = tl.load(rec16 + OFF_KS // 2 + offs_d)
-    kz = (tl.load(rec16 + OFF_KZ // 2 + offs_d).to(tl.float32)
-          + (1 << (K_BITS - 1)) * ks.to(tl.float32)).to(tl.float16)
-    return ks, kz
-
-
-@triton.jit
-def _v_token_scales(rec16, tok, V_BITS: tl.constexpr, OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr):
-    """Per-token V scale vs and the zero of centered codes, vz + C vs (fp16), for tokens tok."""
-    vs = tl.load(rec16 + OFF_VS // 2 + tok)
-    vz = (tl.load(rec16 + OFF_VZ // 2 + tok).to(tl.float32)
-          + (1 << (V_BITS - 1)) * vs.to(tl.float32)).to(tl.float16)
-    return vs, vz
+def _scale_zero(rec16, idx, BITS: tl.constexpr, OFF_S: tl.constexpr, OFF_Z: tl.constexpr):
+    """A record's fp16 scale s[idx] and the zero of centered codes, z[idx] + C s[idx] (fp16):
+    K's per-channel (k_scale, k_zero) or V's per-token (v_scale, v_zero) fields."""
+    sc = tl.load(rec16 + OFF_S // 2 + idx)
+    z = (tl.load(rec16 + OFF_Z // 2 + idx).to(tl.float32) + (1 << (BITS - 1)) * sc.to(tl.float32)).to(tl.float16)
+    return sc, z
 
 
 @triton.jit
@@ -300,7 +291,7 @@ def _record_tile_deq(acc, m, l, q16, rec, k_tok, v_chan, magic, G: tl.constexpr,
     KW: tl.constexpr = G * K_BITS // 32
     KWH: tl.constexpr = HALF * K_BITS // 32
     VW: tl.constexpr = D * V_BITS // 32
-    ks, kz = _k_channel_scales(rec16, offs_d, K_BITS, OFF_KS, OFF_KZ)
+    ks, kz = _scale_zero(rec16, offs_d, K_BITS, OFF_KS, OFF_KZ)
     vch = tl.load(rec16 + OFF_VCH // 2 + v_chan).to(tl.float32)
     for h in tl.static_range(G // HALF):
         tok = h * HALF + k_tok
@@ -309,7 +300,7 @@ def _record_tile_deq(acc, m, l, q16, rec, k_tok, v_chan, magic, G: tl.constexpr,
         kd = _unpack_words(kw, K_BITS, magic) * ks[:, None] + kz[:, None]         # [D, HALF] fp16
         s = tl.dot(tl.trans(kd), q16) * kt[:, None]                              # [HALF, R]
         p, alpha, m, l = _online_softmax(s, m, l)
-        vs, vz = _v_token_scales(rec16, tok, V_BITS, OFF_VS, OFF_VZ)
+        vs, vz = _scale_zero(rec16, tok, V_BITS, OFF_VS, OFF_VZ)
         vw = tl.load(rec32 + OFF_VC // 4 + tok[:, None] * VW + tl.arange(0, VW)[None, :])
         vd = _unpack_words(vw, V_BITS, magic) * vs[:, None] + vz[:, None]        # [HALF, D] fp16
         o = tl.dot(tl.trans(vd), p.to(tl.float16))                               # [D, R]
@@ -336,7 +327,7 @@ def _record_tile_joint(acc, m, l, lt, q16, rec, k_tok, v_chan, magic, G: tl.cons
     KW: tl.constexpr = G * K_BITS // 32
     KWH: tl.constexpr = HALF * K_BITS // 32
     VW: tl.constexpr = D * V_BITS // 32
-    ks, kz = _k_channel_scales(rec16, offs_d, K_BITS, OFF_KS, OFF_KZ)
+    ks, kz = _scale_zero(rec16, offs_d, K_BITS, OFF_KS, OFF_KZ)
     vch = tl.load(rec16 + OFF_VCH // 2 + v_chan).to(tl.float32)
     tok1 = HALF + k_tok
     kt0 = tl.load(rec16 + OFF_KT // 2 + k_tok).to(tl.float32)
@@ -352,8 +343,8 @@ def _record_tile_joint(acc, m, l, lt, q16, rec, k_tok, v_chan, magic, G: tl.cons
     p1 = tl.exp2(s1 - m_new[None, :])
     lt = lt * alpha[None, :] + (p0 + p1)
     l = l * alpha
-    vs0, vz0 = _v_token_scales(rec16, k_tok, V_BITS, OFF_VS, OFF_VZ)
-    vs1, vz1 = _v_token_scales(rec16, tok1, V_BITS, OFF_VS, OFF_VZ)
+    vs0, vz0 = _scale_zero(rec16, k_tok, V_BITS, OFF_VS, OFF_VZ)
+    vs1, vz1 = _scale_zero(rec16, tok1, V_BITS, OFF_VS, OFF_VZ)
     vw_row = rec32 + OFF_VC // 4 + tl.arange(0, VW)[None, :]
     vd0 = _unpack_words(tl.load(vw_row + k_tok[:, None] * VW), V_BITS, magic) * vs0[:, None] + vz0[:, None]
     vd1 = _unpack_words(tl.load(vw_row + tok1[:, None] * VW), V_BITS, magic) * vs1[:, None] + vz1[:, None]
