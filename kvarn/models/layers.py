@@ -118,11 +118,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear``, with two CPU fp32 fast paths (same math, another summation order):
 
     - ``packed`` (oneDNN's blocked copy of ``weight``, from ``prepack_cpu_linears``): any
-      number of rows through ``mkldnn._linear_pointwise``. Batch-1 decode streams the
-      weights at 15 GB/s instead of 10 on the 2-core CI machine, batch 8 at 19 GB/s
-      instead of 8 (425 MB of SmolLM2 layer weights, cold; benchmarks/NOTES.md).
-    - few rows without a packed copy: ``W @ x.T`` (the weight as the untransposed operand)
-      runs 1.4-4x faster than ``x @ W.T`` on MKL at 2-8 rows.
+      number of rows through ``mkldnn._linear_pointwise``. On the 2-core CI machine the 425
+      MB of SmolLM2 layer weights, cold, take 25.6 ms instead of 35.7 at one row and 27.7
+      instead of 46.6 at 8 rows; the LM head 5.2 / 4.9 ms instead of 9.8 / 18.6
+      (``benchmarks/cpu_linear.py``, ``results/cpu_linear.json``).
+    - few rows without a packed copy (the fallback): ``W @ x.T``, the weight as the
+      untransposed operand. Measured there it helps the LM head at 8 rows (13.3 vs 18.6 ms)
+      and not the layer weights (equal at one row, slower at 8).
     """
     if x.device.type == "cpu" and x.dim() == 2 and x.dtype == torch.float32 and weight.dtype == torch.float32:
         if packed is not None:
