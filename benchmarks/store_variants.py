@@ -1,0 +1,70 @@
+"""Store kernel launch variants on the 8B 16K-token shape: time, bytes differing from the
+default launch, and code/scale flips against the torch reference quantizer on the first
+4 layers, for two inputs: zero-mean Gaussian tiles (``store_inputs``, the timing input)
+and tiles with per-channel offsets (|mean| up to several stds, where a one-pass variance
+would cancel). GPU sweeps behind benchmarks/NOTES.md's store attempts (16, 23, 24);
+results/store_warps_h100.json came from this script's first form (store_warps.py),
+results/store_onepass_h100.json from its form at c391d50.
+
+    PYTHONPATH=. python3 benchmarks/store_variants.py $OUT/store_variants.json
+"""
+import json
+import sys
+
+import torch
+import triton
+
+from kvarn.format import KVarNConfig
+from kvarn.kernels.reference import ref_store_tiles
+from kvarn.kernels.store import store_tiles
+from kvarn.quant.records import unpack_record_fields
+
+from kernels import store_inputs     # benchmarks/kernels.py (this folder is sys.path[0])
+
+# (num_warps, one_pass); None = the wrapper's default
+VARIANTS = [(None, True), (None, False), (8, True), (8, False)]
+
+
+def biased(kv: torch.Tensor) -> torch.Tensor:
+    """kv with a per-(layer, K/V, head, channel) offset of 0-8 channel stds added."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    std = kv[:, :, :4].float().std(dim=(2, 4), keepdim=True)
+    off = torch.randn(kv.shape[0], 2, 1, kv.shape[3], 1, kv.shape[5], device="cuda", generator=gen) * 4
+    return (kv.float() + off * std).half()
+
+
+def main(out_path):
+    layers, hkv, d, tokens = 32, 8, 128, 16384
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "command": " ".join(sys.argv), "rows": []}
+    for preset in ("kvarn_k4v2_g128", "kvarn_k4v4_g128"):
+        cfg = KVarNConfig.from_name(preset, d)
+        kv0, src, dst, m = store_inputs(layers, hkv, d, tokens, cfg)
+        for data in ("gaussian", "offsets"):
+            kv = kv0 if data == "gaussian" else biased(kv0)
+            ref = torch.zeros(layers, m, hkv, cfg.record_bytes, dtype=torch.uint8, device="cuda")
+            store_tiles(kv, src, ref, dst, cfg)
+            torch_ref = torch.zeros_like(ref[:4])
+            ref_store_tiles(kv[:4], src, torch_ref, dst, cfg)
+            fr = unpack_record_fields(torch_ref.reshape(-1, cfg.record_bytes), cfg)
+            for w, one_pass in VARIANTS:
+                rec = torch.zeros_like(ref)
+                store_tiles(kv, src, rec, dst, cfg, num_warps=w, one_pass=one_pass)
+                diff = int((rec != ref).sum())
+                fg = unpack_record_fields(rec[:4].reshape(-1, cfg.record_bytes), cfg)
+                ms = None
+                if data == "gaussian":
+                    ms = triton.testing.do_bench(
+                        lambda: store_tiles(kv, src, rec, dst, cfg, num_warps=w, one_pass=one_pass),
+                        warmup=5, rep=50)
+                row = {"preset": preset, "data": data, "num_warps": w or "default", "one_pass": one_pass,
+                       "ms": ms, "bytes_differing_from_default": diff,
+                       "flips_vs_torch_first4layers": {k: int((fg[k] != fr[k]).sum()) for k in fg},
+                       "codes_first4layers": int(fg["k_codes"].numel())}
+                print(row, flush=True)
+                res["rows"].append(row)
+    json.dump(res, open(out_path, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "store_variants.json")
