@@ -4,7 +4,8 @@ default launch, and code/scale flips against the torch reference quantizer on th
 and tiles with per-channel offsets (|mean| up to several stds, where a one-pass variance
 would cancel). GPU sweeps behind benchmarks/NOTES.md's store attempts (16, 23, 24);
 results/store_warps_h100.json came from this script's first form (store_warps.py),
-results/store_onepass_h100.json from its form at c391d50.
+results/store_onepass_h100.json from its form at c391d50, results/store_variants_h100.json
+(with one_pass rows) from 90bba76, whose store kernel had the shifted one-pass variant.
 
     PYTHONPATH=. python3 benchmarks/store_variants.py $OUT/store_variants.json
 """
@@ -21,8 +22,8 @@ from kvarn.quant.records import unpack_record_fields
 
 from kernels import store_inputs     # benchmarks/kernels.py (this folder is sys.path[0])
 
-# (num_warps, one_pass); None = the wrapper's default
-VARIANTS = [(None, True), (None, False), (8, True), (8, False)]
+# num_warps; None = the wrapper's default
+VARIANTS = [None, 8]
 
 
 def biased(kv: torch.Tensor) -> torch.Tensor:
@@ -47,17 +48,17 @@ def main(out_path):
             torch_ref = torch.zeros_like(ref[:4])
             ref_store_tiles(kv[:4], src, torch_ref, dst, cfg)
             fr = unpack_record_fields(torch_ref.reshape(-1, cfg.record_bytes), cfg)
-            for w, one_pass in VARIANTS:
+            for w in VARIANTS:
                 rec = torch.zeros_like(ref)
-                store_tiles(kv, src, rec, dst, cfg, num_warps=w, one_pass=one_pass)
+                store_tiles(kv, src, rec, dst, cfg, num_warps=w)
                 diff = int((rec != ref).sum())
                 fg = unpack_record_fields(rec[:4].reshape(-1, cfg.record_bytes), cfg)
                 ms = None
                 if data == "gaussian":
                     ms = triton.testing.do_bench(
-                        lambda: store_tiles(kv, src, rec, dst, cfg, num_warps=w, one_pass=one_pass),
+                        lambda: store_tiles(kv, src, rec, dst, cfg, num_warps=w),
                         warmup=5, rep=50)
-                row = {"preset": preset, "data": data, "num_warps": w or "default", "one_pass": one_pass,
+                row = {"preset": preset, "data": data, "num_warps": w or "default",
                        "ms": ms, "bytes_differing_from_default": diff,
                        "flips_vs_torch_first4layers": {k: int((fg[k] != fr[k]).sum()) for k in fg},
                        "codes_first4layers": int(fg["k_codes"].numel())}

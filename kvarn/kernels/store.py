@@ -34,8 +34,6 @@ Tiling: one program per (tile, K or V), the whole tile in registers:
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -52,33 +50,11 @@ def _exp_f32(a: float) -> float:
 
 @triton.jit
 def _var(x, r, AXIS: tl.constexpr, N: tl.constexpr):
-    """(mean, sample variance (n-1)) along AXIS of y = x * r (r broadcast over AXIS): the
-    mean first, then squared deviations (two passes, as accurate as torch's std)."""
+    """Sample variance (n-1) along AXIS of y = x * r (r broadcast over AXIS): the mean
+    first, then squared deviations (two passes, as accurate as torch's std)."""
     mean = tl.sum(x * r, axis=AXIS) * (1.0 / N)
     d = x * r - tl.expand_dims(mean, AXIS)
-    return mean, tl.sum(d * d, axis=AXIS) * (1.0 / (N - 1))
-
-
-@triton.jit
-def _add2(a1, b1, a2, b2):
-    return a1 + a2, b1 + b2
-
-
-@triton.jit
-def _var_shifted(x, r, k, AXIS: tl.constexpr, N: tl.constexpr, INTERPRET: tl.constexpr):
-    """``_var`` in one sweep: y - k summed and squared together, k a shift near the mean
-    (the previous step's mean along the same axis), so the sums do not cancel as the raw
-    one-pass sum of y^2 would. One reduction phase instead of two. The interpreter runs
-    a tuple reduce's combine in Python per element (50x slower), so there the same two
-    sums are two tl.sum calls."""
-    d = x * r - tl.expand_dims(k, AXIS)
-    if INTERPRET:
-        s1 = tl.sum(d, axis=AXIS)
-        s2 = tl.sum(d * d, axis=AXIS)
-    else:
-        s1, s2 = tl.reduce((d, d * d), AXIS, _add2)
-    m1 = s1 * (1.0 / N)
-    return k + m1, tl.maximum(s2 - s1 * m1, 0.0) * (1.0 / (N - 1))
+    return tl.sum(d * d, axis=AXIS) * (1.0 / (N - 1))
 
 
 @triton.jit
@@ -98,8 +74,7 @@ def _quantize_tile(x, rec, RA: tl.constexpr, R: tl.constexpr, C: tl.constexpr, B
                    OFF_CODES: tl.constexpr, OFF_ROWSCALE: tl.constexpr, OFF_ROWZERO: tl.constexpr,
                    OFF_COL: tl.constexpr, ITERS: tl.constexpr, E_LO: tl.constexpr,
                    E_HI: tl.constexpr, STD_LO: tl.constexpr, STD_HI: tl.constexpr,
-                   EPS: tl.constexpr, STEP_EPS: tl.constexpr, ONE_PASS: tl.constexpr,
-                   INTERPRET: tl.constexpr):
+                   EPS: tl.constexpr, STEP_EPS: tl.constexpr):
     """x [G, D] fp32 -> one half (K or V) of a record at byte pointer rec.
 
     M = x^T (RA = 1) or x (RA = 0) is [R, C]. Vectors over rows of M live along x axis
@@ -115,29 +90,19 @@ def _quantize_tile(x, rec, RA: tl.constexpr, R: tl.constexpr, C: tl.constexpr, B
     s_row = tl.sum(x, axis=CA) * 0.0 + 1.0           # e^b, over R
     rc = s_col                                       # 1 / e^a
     rr = s_row                                       # 1 / e^b
-    mcol, vcol = _var(x, tl.expand_dims(rr, CA), RA, R)
-    mrow, vrow = _var(x, tl.expand_dims(rc, RA), CA, C)
-    cstd = tl.sqrt(vcol)
-    s_rows = tl.sqrt(vrow)
+    cstd = tl.sqrt(_var(x, tl.expand_dims(rr, CA), RA, R))
+    s_rows = tl.sqrt(_var(x, tl.expand_dims(rc, RA), CA, C))
     best = _imbalance(cstd, s_rows, EPS)
     best_col = s_col
     best_row = s_row
     for _ in range(ITERS):
         s_col = tl.minimum(tl.maximum(s_col * tl.minimum(tl.maximum(cstd, STD_LO), STD_HI), E_LO), E_HI)
         rc = _recip(s_col)
-        if ONE_PASS:
-            mrow, vrow = _var_shifted(x, tl.expand_dims(rc, RA), mrow, CA, C, INTERPRET)
-        else:
-            mrow, vrow = _var(x, tl.expand_dims(rc, RA), CA, C)
-        s_rows = tl.sqrt(vrow)                                        # row stds of x * rc
+        s_rows = tl.sqrt(_var(x, tl.expand_dims(rc, RA), CA, C))      # row stds of x * rc
         s_row = tl.minimum(tl.maximum(s_row * tl.minimum(tl.maximum(rr * s_rows, STD_LO), STD_HI),
                                       E_LO), E_HI)
         rr = _recip(s_row)
-        if ONE_PASS:
-            mcol, vcol = _var_shifted(x, tl.expand_dims(rr, CA), mcol, RA, R, INTERPRET)
-        else:
-            mcol, vcol = _var(x, tl.expand_dims(rr, CA), RA, R)
-        cstd = rc * tl.sqrt(vcol)
+        cstd = rc * tl.sqrt(_var(x, tl.expand_dims(rr, CA), RA, R))
         score = _imbalance(cstd, rr * s_rows, EPS)
         better = score <= best
         best = tl.where(better, score, best)
@@ -183,7 +148,7 @@ def _store_kernel(k_ptr, v_ptr, src_ptr, rec_ptr, dst_ptr,
                   OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr, OFF_END: tl.constexpr,
                   RB: tl.constexpr, ITERS: tl.constexpr, E_LO: tl.constexpr, E_HI: tl.constexpr,
                   STD_LO: tl.constexpr, STD_HI: tl.constexpr, EPS: tl.constexpr,
-                  STEP_EPS: tl.constexpr, ONE_PASS: tl.constexpr, INTERPRET: tl.constexpr):
+                  STEP_EPS: tl.constexpr):
     pid = tl.program_id(0)
     layer = tl.program_id(1).to(tl.int64)
     which = tl.program_id(2)
@@ -199,18 +164,18 @@ def _store_kernel(k_ptr, v_ptr, src_ptr, rec_ptr, dst_ptr,
     if which == 0:
         x = tl.load(k_ptr + tile).to(tl.float32)
         _quantize_tile(x, rec, 1, D, G, K_BITS, OFF_KC, OFF_KS, OFF_KZ, OFF_KT,
-                       ITERS, E_LO, E_HI, STD_LO, STD_HI, EPS, STEP_EPS, ONE_PASS, INTERPRET)
+                       ITERS, E_LO, E_HI, STD_LO, STD_HI, EPS, STEP_EPS)
     else:
         x = tl.load(v_ptr + tile).to(tl.float32)
         _quantize_tile(x, rec, 0, G, D, V_BITS, OFF_VC, OFF_VS, OFF_VZ, OFF_VCH,
-                       ITERS, E_LO, E_HI, STD_LO, STD_HI, EPS, STEP_EPS, ONE_PASS, INTERPRET)
+                       ITERS, E_LO, E_HI, STD_LO, STD_HI, EPS, STEP_EPS)
         if RB > OFF_END:                             # zero the padding to 8 bytes
             offs_p = tl.arange(0, 8)
             tl.store(rec + OFF_END + offs_p, tl.zeros([8], tl.uint8), mask=offs_p < RB - OFF_END)
 
 
 def _launch(k, v, src, records, dst, num_layers, strides_x, strides_r, hkv, cfg: KVarNConfig,
-            num_warps: int | None = None, one_pass: bool = True):
+            num_warps: int | None = None):
     m = src.numel()
     if m == 0:
         return
@@ -224,10 +189,9 @@ def _launch(k, v, src, records, dst, num_layers, strides_x, strides_r, hkv, cfg:
         OFF_VC=o["v_codes"], OFF_VCH=o["v_chan"], OFF_VS=o["v_scale"], OFF_VZ=o["v_zero"],
         OFF_END=o["end"], RB=cfg.record_bytes, ITERS=iters,
         E_LO=_exp_f32(cfg.log_clip[0]), E_HI=_exp_f32(cfg.log_clip[1]),
-        STD_LO=STD_CLAMP[0], STD_HI=STD_CLAMP[1], EPS=IMBALANCE_EPS, STEP_EPS=STEP_MIN, ONE_PASS=one_pass,
-        INTERPRET=os.environ.get("TRITON_INTERPRET", "0") == "1",
+        STD_LO=STD_CLAMP[0], STD_HI=STD_CLAMP[1], EPS=IMBALANCE_EPS, STEP_EPS=STEP_MIN,
         # 4 warps up to 128 x 128 tiles: 10.4 ms vs 18.5 at 8 warps for the 8B 16K-token
-        # prompt on an H100 (benchmarks/store_warps.py, NOTES.md attempt 16)
+        # prompt on an H100 (benchmarks/store_variants.py, NOTES.md attempt 16)
         num_warps=num_warps or (4 if cfg.group_size * cfg.head_dim <= 128 * 128 else 8),
     )
 
@@ -238,8 +202,7 @@ def _check_cfg(cfg):
 
 
 def store_tiles(kv_fp16_all: torch.Tensor, src_blocks: torch.Tensor, records_all: torch.Tensor,
-                dst_blocks: torch.Tensor, cfg: KVarNConfig, num_warps: int | None = None,
-                one_pass: bool = True) -> None:
+                dst_blocks: torch.Tensor, cfg: KVarNConfig, num_warps: int | None = None) -> None:
     """Quantize fp16 blocks (rotated frame) into records, every layer at once, in place.
 
     kv_fp16_all fp16 [L, 2, nfp, Hkv, G, D]; records_all uint8 [L, nrec, Hkv, RB];
@@ -273,7 +236,7 @@ def store_tiles(kv_fp16_all: torch.Tensor, src_blocks: torch.Tensor, records_all
     sx = kv_fp16_all.stride()
     sr = records_all.stride()
     _launch(kv_fp16_all[:, 0], kv_fp16_all[:, 1], src, records_all, dst, num_layers,
-            (sx[0], sx[2], sx[3], sx[4]), (sr[0], sr[1], sr[2]), hkv, cfg, num_warps, one_pass)
+            (sx[0], sx[2], sx[3], sx[4]), (sr[0], sr[1], sr[2]), hkv, cfg, num_warps)
 
 
 def quantize_blocks_triton(k: torch.Tensor, v: torch.Tensor, cfg: KVarNConfig,
