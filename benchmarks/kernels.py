@@ -338,12 +338,10 @@ def decode_variants(case: PagedCase) -> list:
     base = default_num_splits(case.batch, case.hkv, case.bt.shape[1], case.q.device, slots)
     ref = case.run_kvarn().float()
     # maxnreg 0 = no register cap; None = the default for that launch (default_launch).
-    # Session 3: rec_joint (one softmax update per two-piece record) against the
-    # session-2 default (rec_deq, per-piece updates); the earlier sweeps are in NOTES.md.
-    configs = [dict(rec_joint=False), dict(rec_joint=False, maxnreg=168)]
-    configs += [dict(rec_joint=True, maxnreg=r) for r in (None, 168, 0)]
-    configs += [dict(rec_joint=True, num_splits=s) for s in sorted({max(1, base // 2), base * 2})]
-    configs += [dict(rec_joint=True, num_warps=8, maxnreg=0)]
+    # Session 4: the next record's scale fields prefetched to L1 (the default), loaded
+    # into registers a record ahead, or neither, capped and uncapped; the earlier sweeps
+    # (rec_joint, register caps, splits) are in NOTES.md.
+    configs = [dict(prefetch=p, maxnreg=r) for p in ("l1", "regs", None) for r in (None, 0)]
     out = []
     for cfg in configs:
         kw = dict(num_warps=4, num_stages=2, num_splits=base, maxnreg=None, rec_deq=True)

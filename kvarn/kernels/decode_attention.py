@@ -32,6 +32,11 @@ K[t,d] = (ck[d,t] ks[d] + kz[d]) kt[t] and V[t,d] = (cv[t,d] vs[t] + vz[t]) vc[d
   which costs two extra cross-warp reductions per piece (H100: 1.22 vs 1.04 ms at
   B=64, N=16K; benchmarks/NOTES.md attempt 18).
 
+  Scale fields: a record's 2-byte scale loads are too small for the pipeliner's
+  cp.async, so the joint loop fetches the next record's fields while it works on this
+  one (``prefetch``: an L1 prefetch hint, or registers where no register cap spills
+  them; H100 1-6%, NOTES.md attempt 25).
+
   Softmax updates: with ``rec_joint`` (the default where a record is two pieces,
   ``_record_tile_joint``) both pieces' scores are computed first and the online softmax
   is updated once per record: one cross-warp max over max(s0, s1), and the row sums are
@@ -309,29 +314,68 @@ def _record_tile_deq(acc, m, l, q16, rec, k_tok, v_chan, magic, G: tl.constexpr,
 
 
 @triton.jit
-def _record_tile_joint(acc, m, l, lt, q16, rec, k_tok, v_chan, magic, G: tl.constexpr, D: tl.constexpr,
+def _record_scales(rec, k_tok, v_chan, OFF_KS: tl.constexpr, OFF_KZ: tl.constexpr, OFF_KT: tl.constexpr,
+                   OFF_VCH: tl.constexpr, OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr):
+    """A record's fp16 scale fields as loaded, in the order the joint tile uses them:
+    (ks, kz, kt0, kt1, vs0, vz0, vs1, vz1, vch); no arithmetic on them here, so that a
+    caller can issue the loads one record ahead and use them a whole record later."""
+    HALF: tl.constexpr = k_tok.shape[0]
+    D: tl.constexpr = v_chan.shape[0]
+    rec16 = rec.to(tl.pointer_type(tl.float16))
+    offs_d = tl.arange(0, D)
+    tok1 = HALF + k_tok
+    return (tl.load(rec16 + OFF_KS // 2 + offs_d), tl.load(rec16 + OFF_KZ // 2 + offs_d),
+            tl.load(rec16 + OFF_KT // 2 + k_tok), tl.load(rec16 + OFF_KT // 2 + tok1),
+            tl.load(rec16 + OFF_VS // 2 + k_tok), tl.load(rec16 + OFF_VZ // 2 + k_tok),
+            tl.load(rec16 + OFF_VS // 2 + tok1), tl.load(rec16 + OFF_VZ // 2 + tok1),
+            tl.load(rec16 + OFF_VCH // 2 + v_chan))
+
+
+@triton.jit
+def _prefetch_l1(rec, OFF_KS: tl.constexpr, OFF_VCH: tl.constexpr):
+    """Ask L1 for a record's two 768-byte runs of scale fields (k_scale, k_zero, k_tok and
+    v_chan, v_scale, v_zero: 6 lines of 128 B each) without waiting for them: the next
+    record's, so that its 2-byte field loads (which the pipeliner leaves synchronous) hit
+    L1 instead of waiting on HBM. A hint only; no value is used (GPU only: PTX asm)."""
+    idx = tl.arange(0, 16)
+    line = tl.where(idx < 8, OFF_KS + (idx % 6) * 128, OFF_VCH + ((idx - 8) % 6) * 128)
+    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L1 [$1];", "=r,l", [rec + line],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _centered_zero(sc, z, BITS: tl.constexpr):
+    """The zero of centered codes, z + 2^(BITS-1) s, from loaded fp16 s and z (fp16)."""
+    return (z.to(tl.float32) + (1 << (BITS - 1)) * sc.to(tl.float32)).to(tl.float16)
+
+
+@triton.jit
+def _record_tile_joint(acc, m, l, lt, q16, rec, k_tok, scales, magic, G: tl.constexpr, D: tl.constexpr,
                        K_BITS: tl.constexpr, V_BITS: tl.constexpr,
-                       OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KZ: tl.constexpr,
-                       OFF_KT: tl.constexpr, OFF_VC: tl.constexpr, OFF_VCH: tl.constexpr,
-                       OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr):
+                       OFF_KC: tl.constexpr, OFF_VC: tl.constexpr):
     """``_record_tile_deq`` for a record of exactly two pieces (G = 2 * HALF), with one
     softmax update per record instead of one per piece: both pieces' scores first, one
     cross-warp max over max(s0, s1), and no cross-warp sum at all. The row sums stay
     a per-element partial ``lt`` [HALF, R] (lt = lt * alpha + p0 + p1) that the caller
     reduces once after the record loop; l (the sink's sum) is only rescaled.
+    scales: the record's fields as ``_record_scales`` loaded them (the caller loads them
+    a record ahead: as 2-byte loads the pipeliner leaves them synchronous, and a
+    dependent global load per field per record was a third of the stall cycles).
     """
     offs_d = tl.arange(0, D)
-    rec16 = rec.to(tl.pointer_type(tl.float16))
     rec32 = rec.to(tl.pointer_type(tl.int32))
     HALF: tl.constexpr = k_tok.shape[0]
     KW: tl.constexpr = G * K_BITS // 32
     KWH: tl.constexpr = HALF * K_BITS // 32
     VW: tl.constexpr = D * V_BITS // 32
-    ks, kz = _scale_zero(rec16, offs_d, K_BITS, OFF_KS, OFF_KZ)
-    vch = tl.load(rec16 + OFF_VCH // 2 + v_chan).to(tl.float32)
+    ks, kz, kt0, kt1, vs0, vz0, vs1, vz1, vch = scales
+    kz = _centered_zero(ks, kz, K_BITS)
+    vz0 = _centered_zero(vs0, vz0, V_BITS)
+    vz1 = _centered_zero(vs1, vz1, V_BITS)
+    kt0 = kt0.to(tl.float32)
+    kt1 = kt1.to(tl.float32)
+    vch = vch.to(tl.float32)
     tok1 = HALF + k_tok
-    kt0 = tl.load(rec16 + OFF_KT // 2 + k_tok).to(tl.float32)
-    kt1 = tl.load(rec16 + OFF_KT // 2 + tok1).to(tl.float32)
     kw_row = rec32 + OFF_KC // 4 + offs_d[:, None] * KW + tl.arange(0, KWH)[None, :]
     kd0 = _unpack_words(tl.load(kw_row), K_BITS, magic) * ks[:, None] + kz[:, None]
     kd1 = _unpack_words(tl.load(kw_row + KWH), K_BITS, magic) * ks[:, None] + kz[:, None]
@@ -343,8 +387,6 @@ def _record_tile_joint(acc, m, l, lt, q16, rec, k_tok, v_chan, magic, G: tl.cons
     p1 = tl.exp2(s1 - m_new[None, :])
     lt = lt * alpha[None, :] + (p0 + p1)
     l = l * alpha
-    vs0, vz0 = _scale_zero(rec16, k_tok, V_BITS, OFF_VS, OFF_VZ)
-    vs1, vz1 = _scale_zero(rec16, tok1, V_BITS, OFF_VS, OFF_VZ)
     vw_row = rec32 + OFF_VC // 4 + tl.arange(0, VW)[None, :]
     vd0 = _unpack_words(tl.load(vw_row + k_tok[:, None] * VW), V_BITS, magic) * vs0[:, None] + vz0[:, None]
     vd1 = _unpack_words(tl.load(vw_row + tok1[:, None] * VW), V_BITS, magic) * vs1[:, None] + vz1[:, None]
@@ -362,7 +404,7 @@ def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, pls
                    HKV, HQ, num_splits,
                    QH: tl.constexpr, BLOCK_H: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
                    REC_SUB: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, IS_KVARN: tl.constexpr,
-                   REC_DEQ: tl.constexpr, REC_JOINT: tl.constexpr,
+                   REC_DEQ: tl.constexpr, REC_JOINT: tl.constexpr, PREFETCH: tl.constexpr,
                    K_BITS: tl.constexpr, V_BITS: tl.constexpr,
                    OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KZ: tl.constexpr,
                    OFF_KT: tl.constexpr, OFF_VC: tl.constexpr, OFF_VCH: tl.constexpr,
@@ -411,11 +453,28 @@ def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, pls
         rec_head = rec_ptr + kvh.to(tl.int64) * stride_rh
         if REC_JOINT:
             lt = tl.zeros([REC_SUB, BLOCK_H], tl.float32)
-            for i in range(tl.maximum(start, 1), tl.minimum(end, n_rec + 1)):
+            r0 = tl.maximum(start, 1)
+            r1 = tl.minimum(end, n_rec + 1)
+            if PREFETCH == 1:
+                # scale fields one record ahead (a record past the last reloads the last)
+                nxt = tl.load(bt + tl.minimum(r0, r1 - 1), mask=r0 < r1, other=0).to(tl.int64)
+                sc = _record_scales(rec_head + nxt * stride_rb, k_tok, v_chan,
+                                    OFF_KS, OFF_KZ, OFF_KT, OFF_VCH, OFF_VS, OFF_VZ)
+            for i in range(r0, r1):
                 blk = tl.load(bt + i).to(tl.int64)
-                acc, m, l, lt = _record_tile_joint(acc, m, l, lt, q16, rec_head + blk * stride_rb, k_tok, v_chan,
-                                                   magic, G, D, K_BITS, V_BITS, OFF_KC, OFF_KS, OFF_KZ, OFF_KT,
-                                                   OFF_VC, OFF_VCH, OFF_VS, OFF_VZ)
+                if PREFETCH == 2:
+                    nxt = tl.load(bt + tl.minimum(i + 1, r1 - 1)).to(tl.int64)
+                    _prefetch_l1(rec_head + nxt * stride_rb, OFF_KS, OFF_VCH)
+                if PREFETCH == 1:
+                    nxt = tl.load(bt + tl.minimum(i + 1, r1 - 1)).to(tl.int64)
+                    cur = sc
+                    sc = _record_scales(rec_head + nxt * stride_rb, k_tok, v_chan,
+                                        OFF_KS, OFF_KZ, OFF_KT, OFF_VCH, OFF_VS, OFF_VZ)
+                else:
+                    cur = _record_scales(rec_head + blk * stride_rb, k_tok, v_chan,
+                                         OFF_KS, OFF_KZ, OFF_KT, OFF_VCH, OFF_VS, OFF_VZ)
+                acc, m, l, lt = _record_tile_joint(acc, m, l, lt, q16, rec_head + blk * stride_rb, k_tok, cur,
+                                                   magic, G, D, K_BITS, V_BITS, OFF_KC, OFF_VC)
             l = l + tl.sum(lt, axis=0)
         else:
             for i in range(tl.maximum(start, 1), tl.minimum(end, n_rec + 1)):
@@ -537,6 +596,14 @@ def default_launch(cfg: KVarNConfig | None, g: int, d: int) -> tuple[int, int | 
     return 4, (128 if d <= 128 else None), 64, (4 if d <= 128 else 2)
 
 
+def default_prefetch(d: int) -> str:
+    """How the joint record loop fetches the next record's scale fields (H100,
+    benchmarks/NOTES.md attempt 25; all within 1-6% of not prefetching): an L1 prefetch
+    hint at D <= 128, where the 128-register cap spills values loaded a record ahead
+    (each spill store waits for its load), and registers at D = 256 (no cap there)."""
+    return "regs" if d >= 256 else "l1"
+
+
 def check_paged_args(q, kv_fp16, records, block_tables, context_lens, cfg, q_dims: int):
     """Shared argument checks of the paged attention wrappers; returns (Hkv, G, D)."""
     if q.dim() != q_dims:
@@ -601,7 +668,8 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
                            out: torch.Tensor | None = None, num_warps: int | None = None,
                            num_stages: int | None = None, block_h: int | None = None,
                            rec_sub: int | None = None, maxnreg: int | None = None,
-                           rec_deq: bool = True, rec_joint: bool | None = None) -> torch.Tensor:
+                           rec_deq: bool = True, rec_joint: bool | None = None,
+                           prefetch: str | None = "auto") -> torch.Tensor:
     """Decode attention: q [B, Hq, D] (cache frame) -> [B, Hq, D], ``ref_paged_decode_attention`` semantics.
 
     cfg None (records None) reads an fp16 (or bf16) cache with the same kernel.
@@ -615,7 +683,11 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
     scales and zeros applied to the codes in registers, ``_record_tile_deq``; False:
     folded into q and the reductions, ``_record_tile``, the extend kernel's way),
     rec_joint (default on where a record is exactly two pieces, with rec_deq: one softmax
-    update per record, ``_record_tile_joint``; H100 B64 N16K 1.04 -> 0.87 ms).
+    update per record, ``_record_tile_joint``; H100 B64 N16K 1.04 -> 0.87 ms),
+    prefetch (joint path, the next record's scale fields while this one is worked on):
+    "l1" a prefetch hint to L1, "regs" loaded into registers one record ahead, None
+    neither, "auto" ``default_prefetch``; the interpreter runs no PTX, so there "l1" is
+    None.
     """
     hkv, g, d = check_paged_args(q, kv_fp16, records, block_tables, context_lens, cfg, 3)
     bsz, hq, _ = q.shape
@@ -648,8 +720,12 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
         maxnreg = maxnreg0
     rec_sub = rec_sub or rec_sub0
     rec_joint = (rec_joint is None or bool(rec_joint)) and rec_deq and cfg is not None and g == 2 * rec_sub
+    if prefetch == "auto":
+        prefetch = default_prefetch(d)
+    prefetch_mode = {None: 0, "regs": 1, "l1": 2}[prefetch]
     if q.device.type != "cuda":
         maxnreg = None      # the interpreter takes no register cap
+        prefetch_mode = min(prefetch_mode, 1)
     if num_stages is None:
         num_stages = 2     # 1 stage miscompiles on Triton 3.6 (wrong outputs, H100 2026-11-23)
     _decode_kernel[(bsz * hkv, num_splits)](
@@ -659,7 +735,7 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
         srb, srh, block_tables.stride(0), out.stride(0), out.stride(1),
         hkv, hq, num_splits,
         QH=qh, BLOCK_H=block_h, G=g, BLOCK_N=fp16_block_n(g, d), REC_SUB=rec_sub, D=d, REC_DEQ=bool(rec_deq),
-        REC_JOINT=rec_joint,
+        REC_JOINT=rec_joint, PREFETCH=prefetch_mode,
         SPLIT=num_splits > 1,
         **record_constexprs(cfg),
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),

@@ -138,10 +138,13 @@ def test_decode_folded_scales_variant(preset, d, qh, lens, splits):
 
 @pytest.mark.parametrize("preset,d,qh,lens,splits,rec_sub", [
     CASES[3] + (None,), CASES[4] + (None,), CASES[0] + (32,), CASES[5] + (32,)])
-def test_decode_joint_record_softmax_variant(preset, d, qh, lens, splits, rec_sub):
+@pytest.mark.parametrize("prefetch", ["regs", None])
+def test_decode_joint_record_softmax_variant(preset, d, qh, lens, splits, rec_sub, prefetch):
     """rec_joint=True: one softmax update per two-piece record, the row sums kept as a
-    per-element partial until after the record loop; the same accuracy bar."""
-    run_case(preset, d, qh, lens, splits, rec_joint=True, rec_sub=rec_sub)
+    per-element partial until after the record loop; the same accuracy bar. prefetch:
+    the next record's scale fields loaded into registers a record ahead, or not at all
+    (the default "l1" hint is PTX, GPU only: test_decode_gpu_large_joint_flag)."""
+    run_case(preset, d, qh, lens, splits, rec_joint=True, rec_sub=rec_sub, prefetch=prefetch)
 
 
 def test_decode_zero_length_rows_are_zero():
@@ -198,10 +201,11 @@ def test_decode_gpu_large_folded_scales(preset, d, qh, lens, splits):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset,d,qh,lens,splits", [c for c in GPU_CASES if c[0]])
-@pytest.mark.parametrize("joint", [True, False])
-def test_decode_gpu_large_joint_flag(preset, d, qh, lens, splits, joint):
-    """Both settings of rec_joint at large shapes (it applies where a record is two pieces)."""
-    run_case(preset, d, qh, lens, splits, hkv=4, seed=5, rec_joint=joint)
+@pytest.mark.parametrize("joint,prefetch", [(True, "l1"), (True, "regs"), (True, None), (False, "l1")])
+def test_decode_gpu_large_joint_flag(preset, d, qh, lens, splits, joint, prefetch):
+    """Both settings of rec_joint at large shapes (it applies where a record is two pieces),
+    the joint path under each prefetch mode of the next record's scale fields."""
+    run_case(preset, d, qh, lens, splits, hkv=4, seed=5, rec_joint=joint, prefetch=prefetch)
 
 
 @pytest.mark.gpu
