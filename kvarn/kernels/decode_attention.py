@@ -268,12 +268,17 @@ def _record_tile(acc, m, l, qf, rec, k_tok, v_chan, magic, G: tl.constexpr, D: t
 
 
 @triton.jit
+def _centered_zero(sc, z, BITS: tl.constexpr):
+    """The zero of centered codes, z + 2^(BITS-1) s, from loaded fp16 s and z (fp16)."""
+    return (z.to(tl.float32) + (1 << (BITS - 1)) * sc.to(tl.float32)).to(tl.float16)
+
+
+@triton.jit
 def _scale_zero(rec16, idx, BITS: tl.constexpr, OFF_S: tl.constexpr, OFF_Z: tl.constexpr):
     """A record's fp16 scale s[idx] and the zero of centered codes, z[idx] + C s[idx] (fp16):
     K's per-channel (k_scale, k_zero) or V's per-token (v_scale, v_zero) fields."""
     sc = tl.load(rec16 + OFF_S // 2 + idx)
-    z = (tl.load(rec16 + OFF_Z // 2 + idx).to(tl.float32) + (1 << (BITS - 1)) * sc.to(tl.float32)).to(tl.float16)
-    return sc, z
+    return sc, _centered_zero(sc, tl.load(rec16 + OFF_Z // 2 + idx), BITS)
 
 
 @triton.jit
@@ -344,12 +349,6 @@ def _prefetch_l1(rec, OFF_KS: tl.constexpr, OFF_VCH: tl.constexpr):
 
 
 @triton.jit
-def _centered_zero(sc, z, BITS: tl.constexpr):
-    """The zero of centered codes, z + 2^(BITS-1) s, from loaded fp16 s and z (fp16)."""
-    return (z.to(tl.float32) + (1 << (BITS - 1)) * sc.to(tl.float32)).to(tl.float16)
-
-
-@triton.jit
 def _record_tile_joint(acc, m, l, lt, q16, rec, k_tok, scales, magic, G: tl.constexpr, D: tl.constexpr,
                        K_BITS: tl.constexpr, V_BITS: tl.constexpr,
                        OFF_KC: tl.constexpr, OFF_VC: tl.constexpr):
@@ -358,9 +357,8 @@ def _record_tile_joint(acc, m, l, lt, q16, rec, k_tok, scales, magic, G: tl.cons
     cross-warp max over max(s0, s1), and no cross-warp sum at all. The row sums stay
     a per-element partial ``lt`` [HALF, R] (lt = lt * alpha + p0 + p1) that the caller
     reduces once after the record loop; l (the sink's sum) is only rescaled.
-    scales: the record's fields as ``_record_scales`` loaded them (the caller loads them
-    a record ahead: as 2-byte loads the pipeliner leaves them synchronous, and a
-    dependent global load per field per record was a third of the stall cycles).
+    scales: the record's fields as ``_record_scales`` loaded them (the caller may load
+    them a record ahead: as 2-byte loads the pipeliner leaves them synchronous).
     """
     offs_d = tl.arange(0, D)
     rec32 = rec.to(tl.pointer_type(tl.int32))
