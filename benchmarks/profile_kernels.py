@@ -1,7 +1,7 @@
 """Drive one decode shape and the store shape a few times, for Nsight Compute.
 
     ncu --clock-control none --kernel-name regex:'_decode_kernel|_store_kernel' \
-        --launch-skip 2 --launch-count 2 --section SchedulerStats --section WarpStateStats ... \
+        --launch-skip 2 --launch-count 1 --section SchedulerStats --section WarpStateStats ... \
         python3 benchmarks/profile_kernels.py [--shape B64_N16K] [--store]
 
 Each kernel runs 4 times (2 warm-up launches for ncu to skip). Decode: the default launch
@@ -20,7 +20,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="B64_N16K", help="a decode shape label of kernels.py (none: skip)")
     ap.add_argument("--store", action="store_true", help="also the 8B 16K-token store")
-    ap.add_argument("--store-kw", default="{}", help="extra store_tiles keywords, as a Python dict")
+    ap.add_argument("--store-warps", type=int, help="store num_warps (default: the wrapper's)")
     args = ap.parse_args()
     from kvarn.format import KVarNConfig
     if args.shape and args.shape != "none":
@@ -36,7 +36,7 @@ def main():
         kv, src, dst, m = store_inputs(32, 8, 128, 16384, cfg)
         rec = torch.empty(32, m, 8, cfg.record_bytes, dtype=torch.uint8, device="cuda")
         for _ in range(4):
-            store_tiles(kv, src, rec, dst, cfg, **eval(args.store_kw))
+            store_tiles(kv, src, rec, dst, cfg, num_warps=args.store_warps)
         torch.cuda.synchronize()
         print("store done", file=sys.stderr)
 

@@ -720,7 +720,10 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
     rec_joint = (rec_joint is None or bool(rec_joint)) and rec_deq and cfg is not None and g == 2 * rec_sub
     if prefetch == "auto":
         prefetch = default_prefetch(d)
-    prefetch_mode = {None: 0, "regs": 1, "l1": 2}[prefetch]
+    modes = {None: 0, "regs": 1, "l1": 2}
+    if prefetch not in modes:
+        raise ValueError(f"prefetch must be 'auto', 'l1', 'regs' or None, got {prefetch!r}")
+    prefetch_mode = modes[prefetch]
     if q.device.type != "cuda":
         maxnreg = None      # the interpreter takes no register cap
         prefetch_mode = min(prefetch_mode, 1)
