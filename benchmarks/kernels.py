@@ -230,6 +230,9 @@ def decode_row(label, args, copy_bw) -> dict:
         "fp16": (lambda: case.run_fp16(), case.bytes_fp16()),
         "sdpa": (None, case.bytes_fp16()),
     }
+    from kvarn.kernels.decode_attention import gluon_supported
+    if gluon_supported(case.q, cfg, hq // hkv):    # "kvarn" runs the Gluon kernel there: the Triton one too
+        impls["kvarn_triton"] = (lambda: case.run_kvarn(kernel="triton"), case.bytes_kvarn())
     for name, (fn, nbytes) in impls.items():
         ms = time_sdpa(case, backend) if name == "sdpa" else bench(fn)
         row[name] = {"ms": ms, "bytes": nbytes, "TBps": nbytes / (ms * 1e-3) / 1e12,
@@ -271,6 +274,10 @@ def graph_latency(label, copies: int = 16, replays: int = 50) -> dict:
                                                  case.lens[sl[i]], None, out=outs[i]),
         "sdpa": sdpa,
     }
+    from kvarn.kernels.decode_attention import gluon_supported
+    if gluon_supported(case.q, cfg, hq // hkv):    # "kvarn" runs the Gluon kernel there: the Triton one too
+        fns["kvarn_triton"] = lambda i: paged_decode_attention(case.q[sl[i]], case.kv, case.records, case.bt[sl[i]],
+                                                               case.lens[sl[i]], cfg, out=outs[i], kernel="triton")
     row = {"shape": label, "copies": copies, "replays": replays, "sdpa_backend": backend}
     for name, fn in fns.items():
         ctx = sdpa_kernel(SDPBackend.FLASH_ATTENTION) if (name == "sdpa" and backend == "flash") \
@@ -322,7 +329,9 @@ def decode_rows(args, copy_bw, log):
             row = json.load(open(out))
             log(f"{label:14s} kvarn {row['kvarn']['ms']:.4f} ms ({row['kvarn']['TBps']:.2f} TB/s) "
                 f"fp16 {row['fp16']['ms']:.4f} sdpa {row['sdpa']['ms']:.4f} ({row['sdpa']['backend']}) "
-                f"x{row['speedup_kvarn_vs_sdpa']:.2f}" + (f" check {row['check_rel_err']}" if args.check else ""))
+                f"x{row['speedup_kvarn_vs_sdpa']:.2f}"
+                + (f" triton-kernel {row['kvarn_triton']['ms']:.4f}" if "kvarn_triton" in row else "")
+                + (f" check {row['check_rel_err']}" if args.check else ""))
         else:
             row = {"shape": label, "error": (r.stderr.strip().splitlines() or ["?"])[-1][:400]}
             log(f"{label:14s} FAILED {row['error']}")
@@ -337,15 +346,20 @@ def decode_variants(case: PagedCase) -> list:
     slots = default_launch(case.cfg, case.cfg.group_size, case.d)[3]
     base = default_num_splits(case.batch, case.hkv, case.bt.shape[1], case.q.device, slots)
     ref = case.run_kvarn().float()
-    # maxnreg 0 = no register cap; None = the default for that launch (default_launch).
-    # Session 4: the next record's scale fields prefetched to L1 (the default), loaded
-    # into registers a record ahead, or neither, capped and uncapped; the earlier sweeps
-    # (rec_joint, register caps, splits) are in NOTES.md.
-    configs = [dict(prefetch=p, maxnreg=r) for p in ("l1", "regs", None) for r in (None, 0)]
+    # Session 5: the Gluon record kernel (decode_gluon.py; kernel="gluon") at its default
+    # split count and others. The earlier sweeps (prefetch, register caps, rec_joint,
+    # splits) are in NOTES.md.
+    from kvarn.kernels.decode_attention import gluon_supported
+    configs = []
+    if gluon_supported(case.q, case.cfg, case.hq // case.hkv):
+        configs = [dict(kernel="gluon", num_splits=s) for s in (None, 1, 2, 3, 4, 6, 8, 12)]
+        configs += [dict(kernel="gluon", prefetch=p, maxnreg=r) for p, r in (("l2x2", None), (None, None), ("l2", 0))]
     out = []
     for cfg in configs:
         kw = dict(num_warps=4, num_stages=2, num_splits=base, maxnreg=None, rec_deq=True)
         kw.update(cfg)
+        if kw.get("kernel") == "gluon":
+            kw = {k: cfg[k] for k in cfg}
         try:
             diff = (case.run_kvarn(**kw).float() - ref).abs().max().item()
             ms = bench(lambda: case.run_kvarn(**kw), rep=100)

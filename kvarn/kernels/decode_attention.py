@@ -399,9 +399,10 @@ def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, pls
                    qk_scale, magic,
                    stride_qb, stride_qh, stride_kv, stride_fb, stride_fh,
                    stride_rb, stride_rh, stride_bt, stride_ob, stride_oh,
-                   HKV, HQ, num_splits,
+                   HKV, HQ, num_splits, part_stride, part_off,
                    QH: tl.constexpr, BLOCK_H: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
                    REC_SUB: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, IS_KVARN: tl.constexpr,
+                   SKIP_REC: tl.constexpr,
                    REC_DEQ: tl.constexpr, REC_JOINT: tl.constexpr, PREFETCH: tl.constexpr,
                    K_BITS: tl.constexpr, V_BITS: tl.constexpr,
                    OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KZ: tl.constexpr,
@@ -447,7 +448,7 @@ def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, pls
     acc, m, l = _fp16_blocks(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb,      # the sink
                              start * SUB, tl.minimum(tl.minimum(end, 1) * SUB, last_sub),
                              row_pos, n_ctx, G, BLOCK_N, D, V_PERM)
-    if IS_KVARN:
+    if IS_KVARN and not SKIP_REC:     # SKIP_REC: another kernel takes the records (decode_gluon.py)
         rec_head = rec_ptr + kvh.to(tl.int64) * stride_rh
         if REC_JOINT:
             lt = tl.zeros([REC_SUB, BLOCK_H], tl.float32)
@@ -495,7 +496,7 @@ def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, pls
         tl.store(out_ptr + b * stride_ob + head[None, :] * stride_oh + v_chan[:, None],
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[None, :])
     else:
-        part = (b * HQ + head) * num_splits + split
+        part = (b * HQ + head) * part_stride + part_off + split
         live = row_ok & (start < end)
         tl.store(po_ptr + part[None, :] * D + v_chan[:, None], o, mask=live[None, :])
         tl.store(plse_ptr + part, m + tl.log2(l_safe), mask=live)
@@ -518,6 +519,29 @@ def _merge_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, HQ, 
     lse = tl.load(plse_ptr + part, mask=ok, other=float("-inf"))
     mx = tl.max(lse, axis=0)
     mx = tl.where(n_used > 0, mx, 0.0)
+    w = tl.where(ok, tl.exp2(lse - mx), 0.0)
+    o = tl.load(po_ptr + part[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+    den = tl.sum(w, axis=0)
+    res = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _merge_parts_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, HQ, num_parts,
+                        D: tl.constexpr, PARTS_P2: tl.constexpr):
+    """``_merge_kernel`` for the split Gluon path: parts 0 .. num_parts-2 are the record
+    splits (lse -inf where a split had no record), part num_parts-1 the fp16 blocks
+    (written iff the sequence has a token)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    n_ctx = tl.load(ctx_ptr + b)
+    s = tl.arange(0, PARTS_P2)
+    offs_d = tl.arange(0, D)
+    ok = (s < num_parts - 1) | ((s == num_parts - 1) & (n_ctx > 0))
+    part = (b * HQ + h) * num_parts + s
+    lse = tl.load(plse_ptr + part, mask=ok, other=float("-inf"))
+    mx = tl.max(lse, axis=0)
+    mx = tl.where(mx > float("-inf"), mx, 0.0)
     w = tl.where(ok, tl.exp2(lse - mx), 0.0)
     o = tl.load(po_ptr + part[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
     den = tl.sum(w, axis=0)
@@ -667,7 +691,7 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
                            num_stages: int | None = None, block_h: int | None = None,
                            rec_sub: int | None = None, maxnreg: int | None = None,
                            rec_deq: bool = True, rec_joint: bool | None = None,
-                           prefetch: str | None = "auto") -> torch.Tensor:
+                           prefetch: str | None = "auto", kernel: str = "auto") -> torch.Tensor:
     """Decode attention: q [B, Hq, D] (cache frame) -> [B, Hq, D], ``ref_paged_decode_attention`` semantics.
 
     cfg None (records None) reads an fp16 (or bf16) cache with the same kernel.
@@ -689,6 +713,14 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
     """
     hkv, g, d = check_paged_args(q, kv_fp16, records, block_tables, context_lens, cfg, 3)
     bsz, hq, _ = q.shape
+    if kernel not in ("auto", "triton", "gluon"):
+        raise ValueError(f"kernel must be 'auto', 'triton' or 'gluon', got {kernel!r}")
+    if kernel == "auto":
+        # the Gluon kernel where it applies, unless a Triton-kernel knob was given
+        triton_knobs = (any(x is not None for x in (num_warps, num_stages, block_h, rec_sub, rec_joint))
+                        or not rec_deq or prefetch in ("l1", "regs"))
+        kernel = "gluon" if (not triton_knobs and gluon_supported(q, cfg, hq // hkv)
+                             and gluon_available()) else "triton"
     if block_tables.shape[0] != bsz or context_lens.shape[0] != bsz:
         raise ValueError(f"batch {bsz}: block_tables {tuple(block_tables.shape)}, "
                          f"context_lens {tuple(context_lens.shape)}")
@@ -700,6 +732,9 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
     if bsz == 0:
         return out
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    if kernel == "gluon":
+        return _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, num_splits, out,
+                             prefetch, maxnreg)
     warps0, maxnreg0, rec_sub0, slots0 = default_launch(cfg, g, d)
     if num_splits is None:
         num_splits = default_num_splits(bsz, hkv, block_tables.shape[1], q.device,
@@ -734,14 +769,94 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
         scale * LOG2E, FP16_MAGIC,
         q.stride(0), q.stride(1), kv_fp16.stride(0), kv_fp16.stride(1), kv_fp16.stride(2),
         srb, srh, block_tables.stride(0), out.stride(0), out.stride(1),
-        hkv, hq, num_splits,
+        hkv, hq, num_splits, num_splits, 0,
         QH=qh, BLOCK_H=block_h, G=g, BLOCK_N=fp16_block_n(g, d), REC_SUB=rec_sub, D=d, REC_DEQ=bool(rec_deq),
         REC_JOINT=rec_joint, PREFETCH=prefetch_mode,
-        SPLIT=num_splits > 1,
+        SPLIT=num_splits > 1, SKIP_REC=False,
         **record_constexprs(cfg),
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if num_splits > 1:
         _merge_kernel[(bsz, hq)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq, num_splits,
                                  G=g, D=d, SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def gluon_available() -> bool:
+    """Whether this Triton has the Gluon API the record kernel is written against (3.6)."""
+    try:
+        from kvarn.kernels import decode_gluon  # noqa: F401
+        return True
+    except (ImportError, AttributeError, TypeError):
+        return False
+
+
+def gluon_supported(q: torch.Tensor, cfg: KVarNConfig | None, qh: int) -> bool:
+    """The Gluon record kernel's scope (decode_gluon.py): CUDA, k4v2 records of 128 tokens
+    at head_dim 128, up to 8 query heads per KV head."""
+    return (q.device.type == "cuda" and cfg is not None and cfg.k_bits == 4 and cfg.v_bits == 2
+            and cfg.group_size == 128 and cfg.head_dim == 128 and qh <= 8)
+
+
+@functools.lru_cache(maxsize=4096)
+def _gluon_splits(programs: int, max_blocks: int, sms: int) -> int:
+    """The wave-count rule of ``_splits`` for the Gluon kernel's one-warp programs
+    (decode_gluon.PROGRAMS_PER_SM resident per SM), up to 128 splits."""
+    from kvarn.kernels.decode_gluon import PROGRAMS_PER_SM
+    slots = PROGRAMS_PER_SM * sms
+    best, best_cost = 1, None
+    for s in range(1, max(1, min(triton.cdiv(max_blocks, 2), 128)) + 1):
+        cost = triton.cdiv(programs * s, slots) * (triton.cdiv(max_blocks, s) + 1)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = s, cost
+    return best
+
+
+def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, num_splits, out,
+                  prefetch="auto", maxnreg=None):
+    """Records by the Gluon kernel (num_splits programs of one warp per sequence and KV
+    head, one partial each), the sink and tail blocks by ``_decode_kernel`` with records
+    skipped (one more partial), then ``_merge_parts_kernel``.
+
+    prefetch: "auto" / "l2" (the next record into L2 by a bulk prefetch), "l2x2" (two
+    records ahead), None; maxnreg: a register cap for the Gluon kernel (None: none)."""
+    aheads = {"auto": 1, "l2": 1, "l2x2": 2, None: 0}
+    if prefetch not in aheads:
+        raise ValueError(f"kernel='gluon' takes prefetch 'auto', 'l2', 'l2x2' or None, got {prefetch!r}")
+    bsz, hq, d = q.shape
+    hkv, g = kv_fp16.shape[2], kv_fp16.shape[3]
+    qh = hq // hkv
+    if not gluon_supported(q, cfg, qh):
+        raise ValueError(f"kernel='gluon' covers CUDA, k4v2 G=128, head_dim 128, <= 8 query heads per "
+                         f"KV head; got {q.device.type}, {None if cfg is None else cfg.name}, D={d}, {qh}")
+    from kvarn.kernels import decode_gluon
+    if num_splits is None:
+        num_splits = _gluon_splits(max(bsz * hkv, 1), block_tables.shape[1], _sm_count(q.device))
+    num_splits = max(1, int(num_splits))
+    if maxnreg is None:
+        maxnreg = decode_gluon.MAXNREG
+    parts = num_splits + 1
+    po = torch.empty(bsz, hq, parts, d, dtype=torch.float32, device=q.device)
+    plse = torch.empty(bsz, hq, parts, dtype=torch.float32, device=q.device)
+    o = cfg.offsets
+    decode_gluon.record_attention_kernel[(bsz * hkv, num_splits)](
+        q, records, block_tables, context_lens, po, plse, scale * LOG2E,
+        q.stride(0), q.stride(1), records.stride(0), records.stride(1), block_tables.stride(0),
+        hkv, hq, num_splits, parts,
+        QH=qh, G=g, AHEAD=aheads[prefetch], OFF_KC=o["k_codes"], OFF_KS=o["k_scale"], OFF_KZ=o["k_zero"], OFF_KT=o["k_tok"],
+        OFF_VC=o["v_codes"], OFF_VCH=o["v_chan"], OFF_VS=o["v_scale"], OFF_VZ=o["v_zero"],
+        num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
+    warps0, maxnreg0, rec_sub0, _ = default_launch(cfg, g, d)
+    _decode_kernel[(bsz * hkv, 1)](
+        q, kv_fp16, records, block_tables, context_lens, out, po, plse,
+        scale * LOG2E, FP16_MAGIC,
+        q.stride(0), q.stride(1), kv_fp16.stride(0), kv_fp16.stride(1), kv_fp16.stride(2),
+        records.stride(0), records.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
+        hkv, hq, 1, parts, num_splits,
+        QH=qh, BLOCK_H=max(16, triton.next_power_of_2(qh)), G=g, BLOCK_N=fp16_block_n(g, d), REC_SUB=rec_sub0,
+        D=d, REC_DEQ=True, REC_JOINT=False, PREFETCH=0, SPLIT=True, SKIP_REC=True,
+        **record_constexprs(cfg), num_warps=warps0, num_stages=2)
+    _merge_parts_kernel[(bsz, hq)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq, parts,
+                                   D=d, PARTS_P2=triton.next_power_of_2(parts), num_warps=4)
     return out

@@ -1,0 +1,77 @@
+"""The Gluon record kernel (kvarn/kernels/decode_gluon.py, ``kernel="gluon"``) against the
+torch reference, GPU only: Gluon has no CPU interpreter, so these tests cannot run in
+CPU CI (the Triton kernel, which covers every preset, is the one the interpreter tests).
+
+Same oracle and tolerance as test_decode_attention.py: within twice the error of the
+computation done in torch with fp16 inputs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvarn.format import KVarNConfig
+from kvarn.kernels.decode_attention import gluon_supported, paged_decode_attention
+
+from test_decode_attention import build_paged_cache, run_case  # noqa: E402  (same folder)
+
+# lengths: 1 (sink only), G-1, G, G+1 (tail), 2G+1 (the first record), 2G+2, many records,
+# ragged; splits: default, 1, more splits than some sequences have records
+GLUON_CASES = [
+    (4, [1, 127, 128, 129, 257, 258, 4096, 16385], None),
+    (1, [300, 5000, 129], 1),
+    (3, [9999, 2000, 1, 640], 7),
+    (8, [8192, 257], 3),
+    (7, [3000], 64),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qh,lens,splits", GLUON_CASES)
+def test_gluon_decode_matches_reference(qh, lens, splits):
+    run_case("kvarn_k4v2_g128", 128, qh, lens, splits, hkv=4, seed=11, kernel="gluon")
+
+
+@pytest.mark.gpu
+def test_gluon_decode_agrees_with_triton_kernel():
+    """Both kernels on one cache: the same attention up to fp16 rounding order."""
+    cfg = KVarNConfig.from_name("kvarn_k4v2_g128", 128)
+    lens = [5000, 129, 1, 12000]
+    kv, records, bt, ctx = build_paged_cache(cfg, lens, [1] * 4, 8, 128, 128, seed=2)
+    q = torch.randn(4, 32, 128, device="cuda").half()
+    a = paged_decode_attention(q, kv, records, bt, ctx, cfg).float()
+    b = paged_decode_attention(q, kv, records, bt, ctx, cfg, kernel="gluon").float()
+    assert (a - b).norm() <= 2e-3 * a.norm()
+
+
+@pytest.mark.gpu
+def test_gluon_decode_cuda_graph_replay_and_padding_rows():
+    """Captures in a CUDA graph; a context-0 padding row comes out as zeros."""
+    cfg = KVarNConfig.from_name("kvarn_k4v2_g128", 128)
+    lens = [3000, 129, 5000, 1]
+    kv, records, bt, ctx = build_paged_cache(cfg, lens, [1] * 4, 4, 128, 128, seed=5)
+    q = torch.randn(4, 16, 128, device="cuda").half()
+    out = torch.empty_like(q)
+    paged_decode_attention(q, kv, records, bt, ctx, cfg, out=out, kernel="gluon")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_decode_attention(q, kv, records, bt, ctx, cfg, out=out, kernel="gluon")
+    q.copy_(torch.randn_like(q))
+    ctx.copy_(torch.tensor([2999, 129, 0, 1], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    expect = paged_decode_attention(q, kv, records, bt, ctx, cfg, kernel="gluon")
+    assert torch.equal(out, expect)
+    assert (out[2] == 0).all() and torch.isfinite(out).all()
+
+
+def test_gluon_scope_is_checked():
+    """Outside its scope the Gluon path refuses with a ValueError (CPU, other presets)."""
+    cfg = KVarNConfig.from_name("kvarn_k4v2_g64", 64)
+    kv, records, bt, ctx = build_paged_cache(cfg, [70], [1], 1, 64, 64)
+    q = torch.randn(1, 2, 64).half().to(kv.device)
+    assert not gluon_supported(q, cfg, 2)
+    with pytest.raises(ValueError):
+        paged_decode_attention(q, kv, records, bt, ctx, cfg, kernel="gluon")
+    with pytest.raises(ValueError):
+        paged_decode_attention(q, kv, records, bt, ctx, cfg, kernel="cuda")
