@@ -710,6 +710,11 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
     "l1" a prefetch hint to L1, "regs" loaded into registers one record ahead, None
     neither, "auto" ``default_prefetch``; the interpreter runs no PTX, so there "l1" is
     None.
+    kernel: "triton" (``_decode_kernel``, every preset, CPU interpreter included),
+    "gluon" (decode_gluon.py: records by a one-warp Gluon kernel, CUDA only, k4v2_g128 at
+    head_dim 128; there prefetch is "auto"/"l2"/"l2x2"/None and maxnreg its register
+    cap), or "auto": "gluon" where it applies, no Triton-kernel knob is given and the
+    batch holds at least ``GLUON_MIN_RECORDS`` records, else "triton".
     """
     hkv, g, d = check_paged_args(q, kv_fp16, records, block_tables, context_lens, cfg, 3)
     bsz, hq, _ = q.shape
@@ -719,7 +724,11 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
         # the Gluon kernel where it applies, unless a Triton-kernel knob was given
         triton_knobs = (any(x is not None for x in (num_warps, num_stages, block_h, rec_sub, rec_joint))
                         or not rec_deq or prefetch in ("l1", "regs"))
-        kernel = "gluon" if (not triton_knobs and gluon_supported(q, cfg, hq // hkv)
+        # and the batch has enough records to pay for its three launches (H100 graph replay,
+        # NOTES.md attempt 26: B1 N4K, 240 records, 0.025 ms vs 0.015 for the Triton kernel;
+        # B1 N32K, 2,032 records, 0.036 vs 0.040)
+        many = bsz * hkv * max(block_tables.shape[1] - 2, 0) >= GLUON_MIN_RECORDS
+        kernel = "gluon" if (not triton_knobs and many and gluon_supported(q, cfg, hq // hkv)
                              and gluon_available()) else "triton"
     if block_tables.shape[0] != bsz or context_lens.shape[0] != bsz:
         raise ValueError(f"batch {bsz}: block_tables {tuple(block_tables.shape)}, "
@@ -780,6 +789,11 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
         _merge_kernel[(bsz, hq)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq, num_splits,
                                  G=g, D=d, SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4)
     return out
+
+
+# kernel="auto" takes the Gluon record kernel from this many records per call (the
+# batch's sequences x KV heads x record blocks its block table can hold)
+GLUON_MIN_RECORDS = 1024
 
 
 @functools.lru_cache(maxsize=1)
