@@ -79,7 +79,7 @@ def source_sha256() -> str:
     import hashlib
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     h = hashlib.sha256()
-    for rel in ("kvarn/kernels/store.py", "kvarn/kernels/decode_attention.py",
+    for rel in ("kvarn/kernels/store.py", "kvarn/kernels/decode_attention.py", "kvarn/kernels/decode_gluon.py",
                 "kvarn/kernels/extend_attention.py", "benchmarks/kernels.py"):
         with open(os.path.join(root, rel), "rb") as f:
             h.update(f.read())
