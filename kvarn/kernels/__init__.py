@@ -1,7 +1,9 @@
 """Paged KV-cache kernels: Triton on CUDA, the torch reference everywhere.
 
     store_tiles, quantize_blocks_triton     fp16 tiles -> KVarN records     (store.py)
-    paged_decode_attention                  one token per sequence, split-K (decode_attention.py)
+    paged_decode_attention                  one token per sequence, split-K (decode_attention.py;
+                                            on CUDA its records for k4v2_g128 at D=128 by a
+                                            Gluon kernel, decode_gluon.py, GPU only)
     paged_extend_attention                  varlen new tokens, causal       (extend_attention.py)
 
 The cache layouts and the reference semantics every kernel meets live in

@@ -74,6 +74,11 @@ Tiling (grid and work split):
 
 No host synchronisation and a grid that depends only on shapes and Python ints: the
 call can be captured in a CUDA graph.
+
+On CUDA, ``kernel="auto"`` hands the records of k4v2_g128 caches at D = 128 to a Gluon
+kernel (decode_gluon.py: codes unpacked straight into mma.sync fragments, one warp per
+program; H100 B64 N16K 0.38 ms vs 0.85 for this kernel) and runs this one over the sink
+and tail only (``SKIP_REC``), merging the partials (``_merge_parts_kernel``).
 """
 from __future__ import annotations
 
