@@ -530,16 +530,21 @@ def table(res) -> str:
     return "\n".join(lines)
 
 
-def plot(path: str):
-    """Decode times and speed-ups per shape. Where the file has a CUDA-graph replay of a
+def plot(paths):
+    """Decode times and speed-ups per shape. Where a file has a CUDA-graph replay of a
     shape (``graph_latency``), that number is plotted instead of do_bench's (hatched
-    bars, labelled "graph"): do_bench of a ~20 us kernel also times the Python launch."""
+    bars, labelled "graph"): do_bench of a ~20 us kernel also times the Python launch.
+    The decode rows come from the first file; graph rows from every file (later ones win)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    path = paths[0]
     res = json.load(open(path))
     rows = [r for r in res["decode"] if "error" not in r]
-    graph = {g["shape"]: g for g in res.get("graph_latency", []) if "error" not in g}
+    graph = {}
+    for p in paths:
+        graph.update({g["shape"]: g for g in json.load(open(p)).get("graph_latency", []) if "error" not in g})
 
     def ms(r, name):
         g = graph.get(r["shape"])
@@ -581,7 +586,8 @@ def main():
     ap.add_argument("--no-store", action="store_true")
     ap.add_argument("--graph-latency", nargs="*", default=[],
                     help="shape labels to time also as CUDA-graph replays over distinct caches (L2 cold)")
-    ap.add_argument("--plot", metavar="JSON", help="plot a results file (no GPU needed) and exit")
+    ap.add_argument("--plot", metavar="JSON", nargs="+",
+                    help="plot a results file (no GPU needed) and exit; graph-replay rows of further files override")
     ap.add_argument("--diag", nargs="*", help="run small GPU cases one per process (all if none named)")
     ap.add_argument("--diag-one", help=argparse.SUPPRESS)
     ap.add_argument("--one-shape", help=argparse.SUPPRESS)
