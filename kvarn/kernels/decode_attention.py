@@ -866,7 +866,7 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
         QH=qh, G=g, AHEAD=aheads[prefetch], OFF_KC=o["k_codes"], OFF_KS=o["k_scale"], OFF_KZ=o["k_zero"], OFF_KT=o["k_tok"],
         OFF_VC=o["v_codes"], OFF_VCH=o["v_chan"], OFF_VS=o["v_scale"], OFF_VZ=o["v_zero"],
         num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
-    warps0, maxnreg0, rec_sub0, _ = default_launch(cfg, g, d)
+    warps0, _, rec_sub0, _ = default_launch(cfg, g, d)
     _decode_kernel[(bsz * hkv, 1)](
         q, kv_fp16, records, block_tables, context_lens, out, po, plse,
         scale * LOG2E, FP16_MAGIC,
