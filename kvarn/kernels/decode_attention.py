@@ -508,8 +508,31 @@ def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, pls
 
 
 @triton.jit
+def _merge_chunks(po_ptr, plse_ptr, base, n_ok, n_parts, fp16_last, D: tl.constexpr, PARTS_P2: tl.constexpr,
+                  CH: tl.constexpr):
+    """sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) over parts s < n_ok of the
+    n_parts at base (and part n_parts - 1 where fp16_last), CH parts of o at a time (a
+    [128-part, D] tile at once spills: 256 fp32 per thread at 129 parts)."""
+    s = tl.arange(0, PARTS_P2)
+    ok = (s < n_ok) | ((s == n_parts - 1) & fp16_last)
+    lse = tl.load(plse_ptr + base + s, mask=ok, other=float("-inf"))
+    mx = tl.max(lse, axis=0)
+    mx = tl.where(mx > float("-inf"), mx, 0.0)
+    den = tl.sum(tl.where(ok, tl.exp2(lse - mx), 0.0), axis=0)
+    offs_d = tl.arange(0, D)
+    acc = tl.zeros([D], tl.float32)
+    for c in range(0, n_parts, CH):
+        sc = c + tl.arange(0, CH)
+        okc = (sc < n_ok) | ((sc == n_parts - 1) & fp16_last)
+        w = tl.where(okc, tl.exp2(tl.load(plse_ptr + base + sc, mask=okc, other=float("-inf")) - mx), 0.0)
+        o = tl.load(po_ptr + (base + sc)[:, None] * D + offs_d[None, :], mask=okc[:, None], other=0.0)
+        acc += tl.sum(w[:, None] * o, axis=0)
+    return acc / tl.where(den > 0, den, 1.0)
+
+
+@triton.jit
 def _merge_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, HQ, num_splits,
-                  G: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr):
+                  G: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr, CH: tl.constexpr):
     """out[b, h] = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) over the splits that ran."""
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -517,41 +540,29 @@ def _merge_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, HQ, 
     n_blocks = tl.cdiv(n_ctx, G)
     bps = tl.maximum(tl.cdiv(n_blocks, num_splits), 1)
     n_used = tl.cdiv(n_blocks, bps)
-    s = tl.arange(0, SPLITS_P2)
+    res = _merge_chunks(po_ptr, plse_ptr, (b * HQ + h) * num_splits, n_used, num_splits, False,
+                        D, SPLITS_P2, CH)
     offs_d = tl.arange(0, D)
-    ok = s < n_used
-    part = (b * HQ + h) * num_splits + s
-    lse = tl.load(plse_ptr + part, mask=ok, other=float("-inf"))
-    mx = tl.max(lse, axis=0)
-    mx = tl.where(n_used > 0, mx, 0.0)
-    w = tl.where(ok, tl.exp2(lse - mx), 0.0)
-    o = tl.load(po_ptr + part[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-    den = tl.sum(w, axis=0)
-    res = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _merge_parts_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, HQ, num_parts,
-                        D: tl.constexpr, PARTS_P2: tl.constexpr):
+                        D: tl.constexpr, PARTS_P2: tl.constexpr, CH: tl.constexpr):
     """``_merge_kernel`` for the split Gluon path: parts 0 .. num_parts-2 are the record
     splits (lse -inf where a split had no record), part num_parts-1 the fp16 blocks
     (written iff the sequence has a token)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     n_ctx = tl.load(ctx_ptr + b)
-    s = tl.arange(0, PARTS_P2)
+    res = _merge_chunks(po_ptr, plse_ptr, (b * HQ + h) * num_parts, num_parts - 1, num_parts, n_ctx > 0,
+                        D, PARTS_P2, CH)
     offs_d = tl.arange(0, D)
-    ok = (s < num_parts - 1) | ((s == num_parts - 1) & (n_ctx > 0))
-    part = (b * HQ + h) * num_parts + s
-    lse = tl.load(plse_ptr + part, mask=ok, other=float("-inf"))
-    mx = tl.max(lse, axis=0)
-    mx = tl.where(mx > float("-inf"), mx, 0.0)
-    w = tl.where(ok, tl.exp2(lse - mx), 0.0)
-    o = tl.load(po_ptr + part[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-    den = tl.sum(w, axis=0)
-    res = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
+
+
+# parts of o per step of the merge kernels
+MERGE_CH = 16
 
 
 _SM_COUNT: dict = {}
@@ -792,7 +803,8 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
     )
     if num_splits > 1:
         _merge_kernel[(bsz, hq)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq, num_splits,
-                                 G=g, D=d, SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4)
+                                 G=g, D=d, SPLITS_P2=triton.next_power_of_2(num_splits),
+                                 CH=min(MERGE_CH, triton.next_power_of_2(num_splits)), num_warps=4)
     return out
 
 
@@ -883,5 +895,5 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
         D=d, REC_DEQ=True, REC_JOINT=False, PREFETCH=0, SPLIT=True, SKIP_REC=True,
         **record_constexprs(cfg), num_warps=warps0, num_stages=2)
     _merge_parts_kernel[(bsz, hq)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq, parts,
-                                   D=d, PARTS_P2=triton.next_power_of_2(parts), num_warps=4)
+                                   D=d, PARTS_P2=triton.next_power_of_2(parts), CH=MERGE_CH, num_warps=4)
     return out

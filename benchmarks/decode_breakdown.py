@@ -1,0 +1,75 @@
+"""Per-kernel GPU time of one decode call (torch.profiler, CUDA activity), for the
+small-batch shapes where launches and the split merge, not record bytes, set the time.
+
+    python benchmarks/decode_breakdown.py [--shapes B1_N32K ...] [--out breakdown.json]
+
+Each shape: the default ``paged_decode_attention`` call (and kernel="triton"), 20 calls
+after warm-up; per kernel name the mean device time per call, and the wall time per call
+of the whole sequence (launch gaps included) from CUDA events.
+"""
+import argparse
+import json
+import sys
+
+import torch
+
+from kernels import PRESET, SHAPES, PagedCase, git_commit, source_sha256   # this folder is sys.path[0]
+
+
+def breakdown(label: str, kernel: str, calls: int = 20) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    from kvarn.format import KVarNConfig
+    from kvarn.kernels.decode_attention import paged_decode_attention
+    _, b, n, hq, hkv, d = next(s for s in SHAPES if s[0] == label)
+    cfg = KVarNConfig.from_name(PRESET, d)
+    case = PagedCase(b, n, hq, hkv, d, cfg, want=("kvarn",))
+    out = torch.empty_like(case.q)
+    fn = lambda: paged_decode_attention(case.q, case.kv, case.records, case.bt, case.lens, cfg, out=out,
+                                        kernel=kernel)
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            per[e.name] = per.get(e.name, 0.0) + e.device_time_total / 1e3 / calls
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(calls):
+        fn()
+    e1.record()
+    e1.synchronize()
+    del case
+    torch.cuda.empty_cache()
+    return {"shape": label, "kernel": kernel, "kernels_ms_per_call": per,
+            "sum_kernels_ms": sum(per.values()), "wall_ms_per_call": e0.elapsed_time(e1) / calls}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="*", default=["B1_N4K", "B1_N32K", "B1_N128K", "D64_B1_N32K"])
+    ap.add_argument("--out", default="breakdown.json")
+    args = ap.parse_args()
+    import platform
+    import triton
+    rows = []
+    for label in args.shapes:
+        for kernel in ("auto", "triton"):
+            r = breakdown(label, kernel)
+            rows.append(r)
+            print(f"{label:14s} {kernel:6s} wall {r['wall_ms_per_call']:.4f} ms, kernels {r['sum_kernels_ms']:.4f}: "
+                  + ", ".join(f"{k[:40]} {v:.4f}" for k, v in r["kernels_ms_per_call"].items()), flush=True)
+    props = torch.cuda.get_device_properties(0)
+    json.dump({"command": " ".join(["python"] + sys.argv), "git_commit": git_commit(),
+               "source_sha256": source_sha256(), "device": {"name": props.name, "sms": props.multi_processor_count},
+               "versions": {"torch": torch.__version__, "triton": triton.__version__,
+                            "python": platform.python_version(), "cuda": torch.version.cuda},
+               "rows": rows}, open(args.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Extend (chunked prefill continuation) attention on the GPU: KVarN vs fp16 paged vs SDPA.
+
+    python benchmarks/extend.py [--out extend.json] [--shapes LABEL ...]
+
+Each shape (batch, cached prefix, new tokens per sequence; 32 query / 8 KV heads, D 128):
+``paged_extend_attention`` over a KVarN cache (records for blocks 1 .. prefix/G - 1, the
+sink and the blocks the new tokens reach in fp16), the same kernel over an fp16 paged
+cache, and torch SDPA (FlashAttention where it takes the shape) on contiguous fp16 K/V
+with a bottom-right causal mask. Times: triton.testing.do_bench medians (L2 flushed).
+Also the relative error of both paged outputs against an fp32 computation on the same
+(dequantized) K/V, first sequence.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+
+import torch
+
+from kernels import PRESET, bench, git_commit, source_sha256   # this folder is sys.path[0]
+
+SHAPES = [  # (label, batch, prefix, new tokens)
+    ("B1_P16K_T512", 1, 16384, 512),
+    ("B1_P4K_T2K", 1, 4096, 2048),
+    ("B4_P8K_T256", 4, 8192, 256),
+    ("B16_P4K_T8", 16, 4096, 8),       # speculative verify: 8 drafted tokens
+    ("B64_P16K_T4", 64, 16384, 4),
+]
+HQ, HKV, D = 32, 8, 128
+
+
+class ExtendCase:
+    def __init__(self, batch, prefix, t_new, cfg, seed=0):
+        from kvarn.kernels.reference import num_record_blocks
+        from kvarn.kernels.store import store_tiles
+        g = cfg.group_size
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        n = prefix + t_new
+        nb = math.ceil(n / g)
+        n_rec = num_record_blocks(prefix, g)
+        n_fp = nb - n_rec
+        self.batch, self.t_new, self.cfg = batch, t_new, cfg
+        chan = torch.randn(D, device="cuda", generator=gen)
+        rnd = lambda *s: (torch.randn(*s, device="cuda", generator=gen) + chan).half()
+        self.q = torch.randn(batch * t_new, HQ, D, device="cuda", generator=gen).half()
+        self.lens = torch.full((batch,), n, dtype=torch.int32, device="cuda")
+        self.cu = torch.arange(0, batch + 1, dtype=torch.int32, device="cuda") * t_new
+        # KVarN: fp16 blocks (sink + the new tokens' blocks) and records
+        self.kv = rnd(2, batch * n_fp, HKV, g, D)
+        self.records = torch.empty(max(batch * n_rec, 1), HKV, cfg.record_bytes, dtype=torch.uint8, device="cuda")
+        if n_rec:
+            n_distinct = min(batch * n_rec, 1024)
+            src = rnd(1, 2, n_distinct, HKV, g, D)
+            ids = torch.arange(n_distinct, dtype=torch.int32, device="cuda")
+            distinct = torch.empty(1, n_distinct, HKV, cfg.record_bytes, dtype=torch.uint8, device="cuda")
+            store_tiles(src, ids, distinct, ids, cfg)
+            reps = math.ceil(batch * n_rec / n_distinct)
+            self.records.copy_(distinct[0].repeat(reps, 1, 1)[:batch * n_rec])
+        bt = torch.zeros(batch, nb, dtype=torch.int32)
+        rp, fp = torch.randperm(batch * n_rec), torch.randperm(batch * n_fp)
+        for b in range(batch):
+            f = fp[b * n_fp:(b + 1) * n_fp]
+            bt[b, 0] = f[0]
+            bt[b, 1:1 + n_rec] = rp[b * n_rec:(b + 1) * n_rec]
+            bt[b, 1 + n_rec:] = f[1:]
+        self.bt = bt.cuda()
+        # fp16 paged
+        self.kv_full = rnd(2, batch * nb, HKV, g, D)
+        self.bt_full = torch.randperm(batch * nb, dtype=torch.int32).reshape(batch, nb).cuda()
+        # contiguous, for SDPA
+        self.k_sdpa = rnd(batch, HKV, n, D)
+        self.v_sdpa = rnd(batch, HKV, n, D)
+        self.q_sdpa = self.q.view(batch, t_new, HQ, D).transpose(1, 2).contiguous()
+        self.n, self.n_rec = n, n_rec
+
+    def run(self, which):
+        from kvarn.kernels.extend_attention import paged_extend_attention
+        if which == "kvarn":
+            return paged_extend_attention(self.q, self.kv, self.records, self.bt, self.lens, self.cu, self.cfg,
+                                          max_q_len=self.t_new)
+        if which == "fp16":
+            return paged_extend_attention(self.q, self.kv_full, None, self.bt_full, self.lens, self.cu, None,
+                                          max_q_len=self.t_new)
+        import torch.nn.functional as F
+        from torch.nn.attention.bias import causal_lower_right
+        mask = causal_lower_right(self.t_new, self.n)
+        return F.scaled_dot_product_attention(self.q_sdpa, self.k_sdpa, self.v_sdpa, attn_mask=mask,
+                                              enable_gqa=True)
+
+    def error(self, which):
+        """Relative error of sequence 0 vs fp32 attention on the K/V the kernel reads."""
+        from kvarn.kernels.reference import gather_context
+        if which == "kvarn":
+            k, v = gather_context(self.kv, self.records, self.bt[0], self.n, self.t_new, self.cfg)
+        else:
+            k, v = gather_context(self.kv_full, None, self.bt_full[0], self.n, self.t_new, None)
+        q = self.q[:self.t_new].float()                                   # [T, Hq, D]
+        kk = k.float().repeat_interleave(HQ // HKV, dim=1)                # [N, Hq, D]
+        vv = v.float().repeat_interleave(HQ // HKV, dim=1)
+        s = torch.einsum("thd,nhd->htn", q, kk) / math.sqrt(D)
+        pos = torch.arange(self.n, device=q.device)
+        qpos = self.n - self.t_new + torch.arange(self.t_new, device=q.device)
+        s = s.masked_fill(pos[None, None, :] > qpos[None, :, None], float("-inf"))
+        ref = torch.einsum("htn,nhd->thd", s.softmax(-1), vv)
+        out = self.run(which)[:self.t_new].float()
+        return float((out - ref).norm() / ref.norm())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="extend.json")
+    ap.add_argument("--shapes", nargs="*")
+    args = ap.parse_args()
+    import triton
+    from kvarn.format import KVarNConfig
+    cfg = KVarNConfig.from_name(PRESET, D)
+    rows = []
+    for label, b, prefix, t in SHAPES:
+        if args.shapes and label not in args.shapes:
+            continue
+        case = ExtendCase(b, prefix, t, cfg)
+        row = {"shape": label, "batch": b, "prefix": prefix, "new_tokens": t, "q_heads": HQ, "kv_heads": HKV,
+               "head_dim": D, "record_blocks_per_seq": case.n_rec}
+        for which in ("kvarn", "fp16", "sdpa"):
+            row[f"{which}_ms"] = bench(lambda: case.run(which), rep=100)
+        row["kvarn_rel_err"] = case.error("kvarn")
+        row["fp16_rel_err"] = case.error("fp16")
+        row["kvarn_over_sdpa"] = row["kvarn_ms"] / row["sdpa_ms"]
+        row["kvarn_over_fp16"] = row["kvarn_ms"] / row["fp16_ms"]
+        rows.append(row)
+        print(f"{label:14s} kvarn {row['kvarn_ms']:.4f} fp16 {row['fp16_ms']:.4f} sdpa {row['sdpa_ms']:.4f} ms "
+              f"(kvarn/sdpa {row['kvarn_over_sdpa']:.2f}; err kvarn {row['kvarn_rel_err']:.2e} "
+              f"fp16 {row['fp16_rel_err']:.2e})", flush=True)
+        del case
+        torch.cuda.empty_cache()
+    props = torch.cuda.get_device_properties(0)
+    json.dump({"command": " ".join(["python"] + sys.argv), "git_commit": git_commit(),
+               "source_sha256": source_sha256(),
+               "device": {"name": props.name, "sms": props.multi_processor_count},
+               "versions": {"torch": torch.__version__, "triton": triton.__version__,
+                            "python": platform.python_version(), "cuda": torch.version.cuda},
+               "timing": "triton.testing.do_bench median (L2 flushed before each call)",
+               "kvarn_preset": PRESET, "rows": rows}, open(args.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
