@@ -5,7 +5,9 @@ small-batch shapes where launches and the split merge, not record bytes, set the
 
 Each shape: the default ``paged_decode_attention`` call (and kernel="triton"), 20 calls
 after warm-up; per kernel name the mean device time per call, and the wall time per call
-of the whole sequence (launch gaps included) from CUDA events.
+of the whole sequence (launch gaps included) from CUDA events. Then kernels.py's
+CUDA-graph replay timing (16 distinct caches, L2 cold) with the Gluon path's fp16 part
+on a side stream (the default) and on the caller's stream.
 """
 import argparse
 import json
@@ -13,7 +15,7 @@ import sys
 
 import torch
 
-from kernels import PRESET, SHAPES, PagedCase, git_commit, source_sha256   # this folder is sys.path[0]
+from kernels import PRESET, SHAPES, PagedCase, git_commit, graph_latency, source_sha256   # this folder is sys.path[0]
 
 
 def breakdown(label: str, kernel: str, calls: int = 20) -> dict:
@@ -63,12 +65,25 @@ def main():
             rows.append(r)
             print(f"{label:14s} {kernel:6s} wall {r['wall_ms_per_call']:.4f} ms, kernels {r['sum_kernels_ms']:.4f}: "
                   + ", ".join(f"{k[:40]} {v:.4f}" for k, v in r["kernels_ms_per_call"].items()), flush=True)
+    import kvarn.kernels.decode_attention as da
+    graph = []
+    for label in args.shapes:
+        for side in (True, False):
+            da.GLUON_SIDE_STREAM = side
+            r = graph_latency(label, copies=8 if "128K" in label else 16)
+            r["gluon_side_stream"] = side
+            graph.append(r)
+            print(f"graph {label:14s} side stream {side!s:5s}: kvarn {r['kvarn']['ms_median']:.4f} "
+                  f"sdpa {r['sdpa']['ms_median']:.4f} ms (kvarn/sdpa {r['kvarn_over_sdpa']:.2f})"
+                  + (f", triton kernel {r['kvarn_triton']['ms_median']:.4f}" if "kvarn_triton" in r else ""),
+                  flush=True)
+    da.GLUON_SIDE_STREAM = True
     props = torch.cuda.get_device_properties(0)
     json.dump({"command": " ".join(["python"] + sys.argv), "git_commit": git_commit(),
                "source_sha256": source_sha256(), "device": {"name": props.name, "sms": props.multi_processor_count},
                "versions": {"torch": torch.__version__, "triton": triton.__version__,
                             "python": platform.python_version(), "cuda": torch.version.cuda},
-               "rows": rows}, open(args.out, "w"), indent=1)
+               "rows": rows, "graph_latency": graph}, open(args.out, "w"), indent=1)
 
 
 if __name__ == "__main__":
