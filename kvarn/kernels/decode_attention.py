@@ -746,7 +746,7 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
         # B1 N32K, 2,032 records, 0.036 vs 0.040)
         many = bsz * hkv * max(block_tables.shape[1] - 2, 0) >= GLUON_MIN_RECORDS
         kernel = "gluon" if (not triton_knobs and many and gluon_supported(q, cfg, hq // hkv)
-                             and gluon_available()) else "triton"
+                             and q.shape[-1] in GLUON_AUTO_DIMS and gluon_available()) else "triton"
     if block_tables.shape[0] != bsz or context_lens.shape[0] != bsz:
         raise ValueError(f"batch {bsz}: block_tables {tuple(block_tables.shape)}, "
                          f"context_lens {tuple(context_lens.shape)}")
@@ -812,6 +812,8 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
 # kernel="auto" takes the Gluon record kernel from this many records per call (the
 # batch's sequences x KV heads x record blocks its block table can hold)
 GLUON_MIN_RECORDS = 1024
+# head dims kernel="auto" gives the Gluon kernel (the others run it with kernel="gluon")
+GLUON_AUTO_DIMS = (128,)
 
 
 @functools.lru_cache(maxsize=1)
@@ -903,7 +905,7 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
 
 
 # _gluon_decode runs the fp16 sink / tail partial on a side stream (benchmarks flip it)
-GLUON_SIDE_STREAM = True
+GLUON_SIDE_STREAM = False
 _SIDE_STREAMS: dict = {}
 
 
