@@ -67,6 +67,7 @@ def main():
                   + ", ".join(f"{k[:40]} {v:.4f}" for k, v in r["kernels_ms_per_call"].items()), flush=True)
     import kvarn.kernels.decode_attention as da
     graph = []
+    side0 = da.GLUON_SIDE_STREAM
     for label in args.shapes:
         for side in (True, False):
             da.GLUON_SIDE_STREAM = side
@@ -77,7 +78,7 @@ def main():
                   f"sdpa {r['sdpa']['ms_median']:.4f} ms (kvarn/sdpa {r['kvarn_over_sdpa']:.2f})"
                   + (f", triton kernel {r['kvarn_triton']['ms_median']:.4f}" if "kvarn_triton" in r else ""),
                   flush=True)
-    da.GLUON_SIDE_STREAM = True
+    da.GLUON_SIDE_STREAM = side0
     props = torch.cuda.get_device_properties(0)
     json.dump({"command": " ".join(["python"] + sys.argv), "git_commit": git_commit(),
                "source_sha256": source_sha256(), "device": {"name": props.name, "sms": props.multi_processor_count},

@@ -85,6 +85,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -812,8 +813,9 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
 # kernel="auto" takes the Gluon record kernel from this many records per call (the
 # batch's sequences x KV heads x record blocks its block table can hold)
 GLUON_MIN_RECORDS = 1024
-# head dims kernel="auto" gives the Gluon kernel (the others run it with kernel="gluon")
-GLUON_AUTO_DIMS = (128,)
+# head dims kernel="auto" gives the Gluon kernel (the others run it with kernel="gluon");
+# KVARN_GLUON_DIMS="64,128,256" overrides (benchmarks measure a candidate default so)
+GLUON_AUTO_DIMS = tuple(int(x) for x in os.environ.get("KVARN_GLUON_DIMS", "128").split(",") if x.strip())
 
 
 @functools.lru_cache(maxsize=1)
@@ -904,8 +906,9 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
     return out
 
 
-# _gluon_decode runs the fp16 sink / tail partial on a side stream (benchmarks flip it)
-GLUON_SIDE_STREAM = False
+# _gluon_decode runs the fp16 sink / tail partial on a side stream (benchmarks flip it;
+# KVARN_GLUON_SIDE_STREAM=1 / 0 sets it at import)
+GLUON_SIDE_STREAM = os.environ.get("KVARN_GLUON_SIDE_STREAM", "0") == "1"
 _SIDE_STREAMS: dict = {}
 
 
