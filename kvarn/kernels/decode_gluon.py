@@ -328,10 +328,11 @@ def _v_half(vw_ptr, vidx, t, D: gl.constexpr):
     Vc^T @ (p vs)^T in 8 chunks of 16 tokens."""
     o = gl.zeros([128 if D >= 128 else 64, 8], gl.float32, layout=MMA)
     for k in gl.static_range(8):
+        # chunk k's tokens are vidx's + 2k: 2k tokens of D / 16 words (8 half-words at D 64)
         if D == 64:
-            o = mma_v2(_v_chunk64(vw_ptr + 16 * 8 * k, vidx), _p_chunk(t, k), o)
+            o = mma_v2(_v_chunk64(vw_ptr + 2 * 8 * k, vidx), _p_chunk(t, k), o)
         else:
-            o = mma_v2(_v_chunk(vw_ptr + 16 * (D // 16) * k, vidx), _p_chunk(t, k), o)
+            o = mma_v2(_v_chunk(vw_ptr + 2 * (D // 16) * k, vidx), _p_chunk(t, k), o)
     return o
 
 
