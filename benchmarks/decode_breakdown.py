@@ -6,8 +6,7 @@ small-batch shapes where launches and the split merge, not record bytes, set the
 Each shape: the default ``paged_decode_attention`` call (and kernel="triton"), 20 calls
 after warm-up; per kernel name the mean device time per call, and the wall time per call
 of the whole sequence (launch gaps included) from CUDA events. Then kernels.py's
-CUDA-graph replay timing (16 distinct caches, L2 cold) with the Gluon path's fp16 part
-on a side stream (the default) and on the caller's stream.
+CUDA-graph replay timing (16 distinct caches, L2 cold).
 """
 import argparse
 import json
@@ -65,20 +64,13 @@ def main():
             rows.append(r)
             print(f"{label:14s} {kernel:6s} wall {r['wall_ms_per_call']:.4f} ms, kernels {r['sum_kernels_ms']:.4f}: "
                   + ", ".join(f"{k[:40]} {v:.4f}" for k, v in r["kernels_ms_per_call"].items()), flush=True)
-    import kvarn.kernels.decode_attention as da
     graph = []
-    side0 = da.GLUON_SIDE_STREAM
     for label in args.shapes:
-        for side in (True, False):
-            da.GLUON_SIDE_STREAM = side
-            r = graph_latency(label, copies=8 if "128K" in label else 16)
-            r["gluon_side_stream"] = side
-            graph.append(r)
-            print(f"graph {label:14s} side stream {side!s:5s}: kvarn {r['kvarn']['ms_median']:.4f} "
-                  f"sdpa {r['sdpa']['ms_median']:.4f} ms (kvarn/sdpa {r['kvarn_over_sdpa']:.2f})"
-                  + (f", triton kernel {r['kvarn_triton']['ms_median']:.4f}" if "kvarn_triton" in r else ""),
-                  flush=True)
-    da.GLUON_SIDE_STREAM = side0
+        r = graph_latency(label, copies=8 if "128K" in label else 16)
+        graph.append(r)
+        print(f"graph {label:14s}: kvarn {r['kvarn']['ms_median']:.4f} sdpa {r['sdpa']['ms_median']:.4f} ms "
+              f"(kvarn/sdpa {r['kvarn_over_sdpa']:.2f})"
+              + (f", triton kernel {r['kvarn_triton']['ms_median']:.4f}" if "kvarn_triton" in r else ""), flush=True)
     props = torch.cuda.get_device_properties(0)
     json.dump({"command": " ".join(["python"] + sys.argv), "git_commit": git_commit(),
                "source_sha256": source_sha256(), "device": {"name": props.name, "sms": props.multi_processor_count},

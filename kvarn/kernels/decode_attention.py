@@ -82,7 +82,6 @@ and tail only (``SKIP_REC``), merging the partials (``_merge_parts_kernel``).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -510,61 +509,59 @@ def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, pls
 
 
 @triton.jit
-def _merge_chunks(po_ptr, plse_ptr, base, n_ok, n_parts, fp16_last, D: tl.constexpr, PARTS_P2: tl.constexpr,
-                  CH: tl.constexpr):
-    """sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) over parts s < n_ok of the
-    n_parts at base (and part n_parts - 1 where fp16_last), CH parts of o at a time (a
-    [128-part, D] tile at once spills: 256 fp32 per thread at 129 parts)."""
+def _merge_tile(po_ptr, plse_ptr, out_ptr, base, n_ok, n_parts, fp16_last,
+                D: tl.constexpr, PARTS_P2: tl.constexpr, DCH: tl.constexpr):
+    """Channels [DCH * program_id(2), + DCH) of sum_s 2^(lse_s - max) o_s / sum_s
+    2^(lse_s - max) over parts s < n_ok of the n_parts at base (and part n_parts - 1
+    where fp16_last), stored at out_ptr. All parts' loads are in flight at once; the
+    channel split keeps the tile at PARTS_P2 x DCH (a [256, 128] fp32 tile in one
+    program spilled, and a loop over parts waited on each load in turn: 11 us at 129
+    parts on an H200)."""
     s = tl.arange(0, PARTS_P2)
     ok = (s < n_ok) | ((s == n_parts - 1) & fp16_last)
     lse = tl.load(plse_ptr + base + s, mask=ok, other=float("-inf"))
     mx = tl.max(lse, axis=0)
     mx = tl.where(mx > float("-inf"), mx, 0.0)
-    den = tl.sum(tl.where(ok, tl.exp2(lse - mx), 0.0), axis=0)
-    offs_d = tl.arange(0, D)
-    acc = tl.zeros([D], tl.float32)
-    for c in range(0, n_parts, CH):
-        sc = c + tl.arange(0, CH)
-        okc = (sc < n_ok) | ((sc == n_parts - 1) & fp16_last)
-        w = tl.where(okc, tl.exp2(tl.load(plse_ptr + base + sc, mask=okc, other=float("-inf")) - mx), 0.0)
-        o = tl.load(po_ptr + (base + sc)[:, None] * D + offs_d[None, :], mask=okc[:, None], other=0.0)
-        acc += tl.sum(w[:, None] * o, axis=0)
-    return acc / tl.where(den > 0, den, 1.0)
+    w = tl.where(ok, tl.exp2(lse - mx), 0.0)
+    offs_d = tl.program_id(2) * DCH + tl.arange(0, DCH)
+    o = tl.load(po_ptr + (base + s)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+    den = tl.sum(w, axis=0)
+    res = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
+    tl.store(out_ptr + offs_d, res.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _merge_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, HQ, num_splits,
-                  G: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr, CH: tl.constexpr):
-    """out[b, h] = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) over the splits that ran."""
+                  G: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr, DCH: tl.constexpr):
+    """out[b, h] = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) over the splits that
+    ran; grid (B, Hq, D / DCH)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     n_ctx = tl.load(ctx_ptr + b)
     n_blocks = tl.cdiv(n_ctx, G)
     bps = tl.maximum(tl.cdiv(n_blocks, num_splits), 1)
     n_used = tl.cdiv(n_blocks, bps)
-    res = _merge_chunks(po_ptr, plse_ptr, (b * HQ + h) * num_splits, n_used, num_splits, False,
-                        D, SPLITS_P2, CH)
-    offs_d = tl.arange(0, D)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
+    _merge_tile(po_ptr, plse_ptr, out_ptr + b * stride_ob + h * stride_oh, (b * HQ + h) * num_splits,
+                n_used, num_splits, False, D, SPLITS_P2, DCH)
 
 
 @triton.jit
 def _merge_parts_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, HQ, num_parts,
-                        D: tl.constexpr, PARTS_P2: tl.constexpr, CH: tl.constexpr):
+                        D: tl.constexpr, PARTS_P2: tl.constexpr, DCH: tl.constexpr):
     """``_merge_kernel`` for the split Gluon path: parts 0 .. num_parts-2 are the record
     splits (lse -inf where a split had no record), part num_parts-1 the fp16 blocks
     (written iff the sequence has a token)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     n_ctx = tl.load(ctx_ptr + b)
-    res = _merge_chunks(po_ptr, plse_ptr, (b * HQ + h) * num_parts, num_parts - 1, num_parts, n_ctx > 0,
-                        D, PARTS_P2, CH)
-    offs_d = tl.arange(0, D)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
+    _merge_tile(po_ptr, plse_ptr, out_ptr + b * stride_ob + h * stride_oh, (b * HQ + h) * num_parts,
+                num_parts - 1, num_parts, n_ctx > 0, D, PARTS_P2, DCH)
 
 
-# parts of o per step of the merge kernels
-MERGE_CH = 16
+def _merge_dch(parts_p2: int, d: int) -> int:
+    """Channels per merge program: a [parts_p2, DCH] tile of at most 4,096 fp32 (32 per
+    thread at 4 warps), at least 16 channels."""
+    return max(16, min(d, 4096 // parts_p2))
 
 
 _SM_COUNT: dict = {}
@@ -804,9 +801,10 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if num_splits > 1:
-        _merge_kernel[(bsz, hq)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq, num_splits,
-                                 G=g, D=d, SPLITS_P2=triton.next_power_of_2(num_splits),
-                                 CH=min(MERGE_CH, triton.next_power_of_2(num_splits)), num_warps=4)
+        p2 = triton.next_power_of_2(num_splits)
+        dch = _merge_dch(p2, d)
+        _merge_kernel[(bsz, hq, d // dch)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq,
+                                           num_splits, G=g, D=d, SPLITS_P2=p2, DCH=dch, num_warps=4)
     return out
 
 
@@ -890,33 +888,13 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
         OFF_VC=o["v_codes"], OFF_VCH=o["v_chan"], OFF_VS=o["v_scale"], OFF_VZ=o["v_zero"],
         num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
     warps0, _, rec_sub0, _ = default_launch(cfg, g, d)
-    # the sink and tail blocks: on a side stream, concurrent with the record kernel (a
-    # fork and join of the CUDA graph under capture), where GLUON_SIDE_STREAM is on
-    cur = torch.cuda.current_stream(q.device)
-    side = _side_stream(q.device) if GLUON_SIDE_STREAM else None
-    if side is not None:
-        side.wait_stream(cur)
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        _fp16_part(q, kv_fp16, records, block_tables, context_lens, out, po, plse, scale, hkv, hq, qh, parts,
-                   num_splits, g, d, cfg, warps0, rec_sub0)
-    if side is not None:
-        cur.wait_stream(side)
-    _merge_parts_kernel[(bsz, hq)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq, parts,
-                                   D=d, PARTS_P2=triton.next_power_of_2(parts), CH=MERGE_CH, num_warps=4)
+    _fp16_part(q, kv_fp16, records, block_tables, context_lens, out, po, plse, scale, hkv, hq, qh, parts,
+               num_splits, g, d, cfg, warps0, rec_sub0)
+    p2 = triton.next_power_of_2(parts)
+    dch = _merge_dch(p2, d)
+    _merge_parts_kernel[(bsz, hq, d // dch)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq, parts,
+                                             D=d, PARTS_P2=p2, DCH=dch, num_warps=4)
     return out
-
-
-# _gluon_decode runs the fp16 sink / tail partial on a side stream (benchmarks flip it;
-# KVARN_GLUON_SIDE_STREAM=1 / 0 sets it at import)
-GLUON_SIDE_STREAM = os.environ.get("KVARN_GLUON_SIDE_STREAM", "0") == "1"
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SIDE_STREAMS:
-        _SIDE_STREAMS[idx] = torch.cuda.Stream(device=idx)
-    return _SIDE_STREAMS[idx]
 
 
 def _fp16_part(q, kv_fp16, records, block_tables, context_lens, out, po, plse, scale, hkv, hq, qh, parts,
