@@ -505,26 +505,28 @@ def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, pls
         part = (b * HQ + head) * part_stride + part_off + split
         live = row_ok & (start < end)
         tl.store(po_ptr + part[None, :] * D + v_chan[:, None], o, mask=live[None, :])
-        tl.store(plse_ptr + part, m + tl.log2(l_safe), mask=live)
+        # an empty split's lse is -inf (its o is left unwritten; the merges skip it)
+        tl.store(plse_ptr + part, tl.where(start < end, m + tl.log2(l_safe), float("-inf")), mask=row_ok)
 
 
 @triton.jit
-def _merge_tile(po_ptr, plse_ptr, out_ptr, base, n_ok, n_parts, fp16_last,
+def _merge_tile(po_ptr, plse_ptr, out_ptr, base, n_ok,
                 D: tl.constexpr, PARTS_P2: tl.constexpr, DCH: tl.constexpr):
     """Channels [DCH * program_id(2), + DCH) of sum_s 2^(lse_s - max) o_s / sum_s
-    2^(lse_s - max) over parts s < n_ok of the n_parts at base (and part n_parts - 1
-    where fp16_last), stored at out_ptr. All parts' loads are in flight at once; the
+    2^(lse_s - max) over the parts s < n_ok at base (those with lse -inf add nothing),
+    stored at out_ptr. All parts' loads are in flight at once; the
     channel split keeps the tile at PARTS_P2 x DCH (a [256, 128] fp32 tile in one
     program spilled, and a loop over parts waited on each load in turn: 11 us at 129
     parts on an H200)."""
     s = tl.arange(0, PARTS_P2)
-    ok = (s < n_ok) | ((s == n_parts - 1) & fp16_last)
+    ok = s < n_ok
     lse = tl.load(plse_ptr + base + s, mask=ok, other=float("-inf"))
     mx = tl.max(lse, axis=0)
     mx = tl.where(mx > float("-inf"), mx, 0.0)
     w = tl.where(ok, tl.exp2(lse - mx), 0.0)
     offs_d = tl.program_id(2) * DCH + tl.arange(0, DCH)
-    o = tl.load(po_ptr + (base + s)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+    o = tl.load(po_ptr + (base + s)[:, None] * D + offs_d[None, :], mask=(ok & (lse > float("-inf")))[:, None],
+                other=0.0)
     den = tl.sum(w, axis=0)
     res = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
     tl.store(out_ptr + offs_d, res.to(out_ptr.dtype.element_ty))
@@ -542,20 +544,18 @@ def _merge_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, HQ, 
     bps = tl.maximum(tl.cdiv(n_blocks, num_splits), 1)
     n_used = tl.cdiv(n_blocks, bps)
     _merge_tile(po_ptr, plse_ptr, out_ptr + b * stride_ob + h * stride_oh, (b * HQ + h) * num_splits,
-                n_used, num_splits, False, D, SPLITS_P2, DCH)
+                n_used, D, SPLITS_P2, DCH)
 
 
 @triton.jit
 def _merge_parts_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, HQ, num_parts,
                         D: tl.constexpr, PARTS_P2: tl.constexpr, DCH: tl.constexpr):
-    """``_merge_kernel`` for the split Gluon path: parts 0 .. num_parts-2 are the record
-    splits (lse -inf where a split had no record), part num_parts-1 the fp16 blocks
-    (written iff the sequence has a token)."""
+    """``_merge_kernel`` for the split Gluon path: every part written (lse -inf where a
+    split had nothing): the record splits, then the fp16 sink and the fp16 tail."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    n_ctx = tl.load(ctx_ptr + b)
     _merge_tile(po_ptr, plse_ptr, out_ptr + b * stride_ob + h * stride_oh, (b * HQ + h) * num_parts,
-                num_parts - 1, num_parts, n_ctx > 0, D, PARTS_P2, DCH)
+                num_parts, D, PARTS_P2, DCH)
 
 
 def _merge_dch(parts_p2: int, d: int) -> int:
@@ -850,7 +850,7 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
                   prefetch="auto", maxnreg=None):
     """Records by the Gluon kernel (num_splits programs of one warp per sequence and KV
     head, one partial each), the sink and tail blocks by ``_decode_kernel`` with records
-    skipped (one more partial), then ``_merge_parts_kernel``.
+    skipped (two more partials: a program for the sink, one for the tail), then ``_merge_parts_kernel``.
 
     prefetch: "auto" / "l2" (the next record into L2 by a bulk prefetch), "l2x2" (two
     records ahead), None; maxnreg: a register cap for the Gluon kernel (None: none)."""
@@ -875,7 +875,7 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
     ahead = aheads[prefetch]
     if rec_bytes % 16 or records.stride(0) % 16 or records.stride(1) % 16 or records.data_ptr() % 16:
         ahead = 0
-    parts = num_splits + 1
+    parts = num_splits + 2          # the record splits, the sink, the tail
     po = torch.empty(bsz, hq, parts, d, dtype=torch.float32, device=q.device)
     plse = torch.empty(bsz, hq, parts, dtype=torch.float32, device=q.device)
     o = cfg.offsets
@@ -899,15 +899,17 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
 
 def _fp16_part(q, kv_fp16, records, block_tables, context_lens, out, po, plse, scale, hkv, hq, qh, parts,
                num_splits, g, d, cfg, warps0, rec_sub0):
-    """``_decode_kernel`` over the sink and tail blocks only (records skipped), into
-    partial num_splits of po / plse."""
+    """``_decode_kernel`` over the sink and tail blocks only (records skipped), as two
+    splits of the block range (split 0 holds the sink, split 1 the tail: two programs per
+    sequence and KV head, each a shorter chain than one doing both) into partials
+    num_splits and num_splits + 1 of po / plse."""
     bsz = q.shape[0]
-    _decode_kernel[(bsz * hkv, 1)](
+    _decode_kernel[(bsz * hkv, 2)](
         q, kv_fp16, records, block_tables, context_lens, out, po, plse,
         scale * LOG2E, FP16_MAGIC,
         q.stride(0), q.stride(1), kv_fp16.stride(0), kv_fp16.stride(1), kv_fp16.stride(2),
         records.stride(0), records.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
-        hkv, hq, 1, parts, num_splits,
+        hkv, hq, 2, parts, num_splits,
         QH=qh, BLOCK_H=max(16, triton.next_power_of_2(qh)), G=g, BLOCK_N=fp16_block_n(g, d), REC_SUB=rec_sub0,
         D=d, REC_DEQ=True, REC_JOINT=False, PREFETCH=0, SPLIT=True, SKIP_REC=True,
         **record_constexprs(cfg), num_warps=warps0, num_stages=2)

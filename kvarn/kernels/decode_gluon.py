@@ -34,7 +34,7 @@ vs into p, vz' = vz + 2 vs as the per-head sum_t p vz', vch on the output rows.
 
 The kernel covers the records of a (sequence, KV head, split) and writes a partial
 (o, lse) like the Triton kernel's splits; the fp16 sink and tail blocks go to the Triton
-kernel (records skipped) as one more partial, and a merge combines them.
+kernel (records skipped) as two more partials (sink, tail), and a merge combines them.
 """
 from __future__ import annotations
 
