@@ -84,7 +84,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
@@ -505,63 +504,54 @@ def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, pls
         part = (b * HQ + head) * part_stride + part_off + split
         live = row_ok & (start < end)
         tl.store(po_ptr + part[None, :] * D + v_chan[:, None], o, mask=live[None, :])
-        # an empty split's lse is -inf (its o is left unwritten; the merges skip it)
-        tl.store(plse_ptr + part, tl.where(start < end, m + tl.log2(l_safe), float("-inf")), mask=row_ok)
-
-
-@triton.jit
-def _merge_tile(po_ptr, plse_ptr, out_ptr, base, n_ok,
-                D: tl.constexpr, PARTS_P2: tl.constexpr, DCH: tl.constexpr):
-    """Channels [DCH * program_id(2), + DCH) of sum_s 2^(lse_s - max) o_s / sum_s
-    2^(lse_s - max) over the parts s < n_ok at base (those with lse -inf add nothing),
-    stored at out_ptr. All parts' loads are in flight at once; the
-    channel split keeps the tile at PARTS_P2 x DCH (a [256, 128] fp32 tile in one
-    program spilled, and a loop over parts waited on each load in turn: 11 us at 129
-    parts on an H200)."""
-    s = tl.arange(0, PARTS_P2)
-    ok = s < n_ok
-    lse = tl.load(plse_ptr + base + s, mask=ok, other=float("-inf"))
-    mx = tl.max(lse, axis=0)
-    mx = tl.where(mx > float("-inf"), mx, 0.0)
-    w = tl.where(ok, tl.exp2(lse - mx), 0.0)
-    offs_d = tl.program_id(2) * DCH + tl.arange(0, DCH)
-    o = tl.load(po_ptr + (base + s)[:, None] * D + offs_d[None, :], mask=(ok & (lse > float("-inf")))[:, None],
-                other=0.0)
-    den = tl.sum(w, axis=0)
-    res = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
-    tl.store(out_ptr + offs_d, res.to(out_ptr.dtype.element_ty))
+        tl.store(plse_ptr + part, m + tl.log2(l_safe), mask=live)
 
 
 @triton.jit
 def _merge_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, HQ, num_splits,
-                  G: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr, DCH: tl.constexpr):
-    """out[b, h] = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) over the splits that
-    ran; grid (B, Hq, D / DCH)."""
+                  G: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr):
+    """out[b, h] = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) over the splits that ran."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     n_ctx = tl.load(ctx_ptr + b)
     n_blocks = tl.cdiv(n_ctx, G)
     bps = tl.maximum(tl.cdiv(n_blocks, num_splits), 1)
     n_used = tl.cdiv(n_blocks, bps)
-    _merge_tile(po_ptr, plse_ptr, out_ptr + b * stride_ob + h * stride_oh, (b * HQ + h) * num_splits,
-                n_used, D, SPLITS_P2, DCH)
+    s = tl.arange(0, SPLITS_P2)
+    offs_d = tl.arange(0, D)
+    ok = s < n_used
+    part = (b * HQ + h) * num_splits + s
+    lse = tl.load(plse_ptr + part, mask=ok, other=float("-inf"))
+    mx = tl.max(lse, axis=0)
+    mx = tl.where(n_used > 0, mx, 0.0)
+    w = tl.where(ok, tl.exp2(lse - mx), 0.0)
+    o = tl.load(po_ptr + part[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+    den = tl.sum(w, axis=0)
+    res = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _merge_parts_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, HQ, num_parts,
-                        D: tl.constexpr, PARTS_P2: tl.constexpr, DCH: tl.constexpr):
-    """``_merge_kernel`` for the split Gluon path: every part written (lse -inf where a
-    split had nothing): the record splits, then the fp16 sink and the fp16 tail."""
+                        D: tl.constexpr, PARTS_P2: tl.constexpr):
+    """``_merge_kernel`` for the split Gluon path: parts 0 .. num_parts-2 are the record
+    splits (lse -inf where a split had no record), part num_parts-1 the fp16 blocks
+    (written iff the sequence has a token)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    _merge_tile(po_ptr, plse_ptr, out_ptr + b * stride_ob + h * stride_oh, (b * HQ + h) * num_parts,
-                num_parts, D, PARTS_P2, DCH)
-
-
-def _merge_dch(parts_p2: int, d: int) -> int:
-    """Channels per merge program: a [parts_p2, DCH] tile of at most 4,096 fp32 (32 per
-    thread at 4 warps), at least 16 channels."""
-    return max(16, min(d, 4096 // parts_p2))
+    n_ctx = tl.load(ctx_ptr + b)
+    s = tl.arange(0, PARTS_P2)
+    offs_d = tl.arange(0, D)
+    ok = (s < num_parts - 1) | ((s == num_parts - 1) & (n_ctx > 0))
+    part = (b * HQ + h) * num_parts + s
+    lse = tl.load(plse_ptr + part, mask=ok, other=float("-inf"))
+    mx = tl.max(lse, axis=0)
+    mx = tl.where(mx > float("-inf"), mx, 0.0)
+    w = tl.where(ok, tl.exp2(lse - mx), 0.0)
+    o = tl.load(po_ptr + part[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+    den = tl.sum(w, axis=0)
+    res = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
 
 
 _SM_COUNT: dict = {}
@@ -727,7 +717,7 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
     None.
     kernel: "triton" (``_decode_kernel``, every preset, CPU interpreter included),
     "gluon" (decode_gluon.py: records by a one-warp Gluon kernel, CUDA only, k4v2_g128 at
-    head_dim 64, 128 or 256; there prefetch is "auto"/"l2"/"l2x2"/None and maxnreg its register
+    head_dim 128; there prefetch is "auto"/"l2"/"l2x2"/None and maxnreg its register
     cap), or "auto": "gluon" where it applies, no Triton-kernel knob is given and the
     batch holds at least ``GLUON_MIN_RECORDS`` records, else "triton".
     """
@@ -744,7 +734,7 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
         # B1 N32K, 2,032 records, 0.036 vs 0.040)
         many = bsz * hkv * max(block_tables.shape[1] - 2, 0) >= GLUON_MIN_RECORDS
         kernel = "gluon" if (not triton_knobs and many and gluon_supported(q, cfg, hq // hkv)
-                             and q.shape[-1] in GLUON_AUTO_DIMS and gluon_available()) else "triton"
+                             and gluon_available()) else "triton"
     if block_tables.shape[0] != bsz or context_lens.shape[0] != bsz:
         raise ValueError(f"batch {bsz}: block_tables {tuple(block_tables.shape)}, "
                          f"context_lens {tuple(context_lens.shape)}")
@@ -801,19 +791,14 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if num_splits > 1:
-        p2 = triton.next_power_of_2(num_splits)
-        dch = _merge_dch(p2, d)
-        _merge_kernel[(bsz, hq, d // dch)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq,
-                                           num_splits, G=g, D=d, SPLITS_P2=p2, DCH=dch, num_warps=4)
+        _merge_kernel[(bsz, hq)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq, num_splits,
+                                 G=g, D=d, SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4)
     return out
 
 
 # kernel="auto" takes the Gluon record kernel from this many records per call (the
 # batch's sequences x KV heads x record blocks its block table can hold)
 GLUON_MIN_RECORDS = 1024
-# head dims kernel="auto" gives the Gluon kernel (the others run it with kernel="gluon");
-# KVARN_GLUON_DIMS="64,128,256" overrides (benchmarks measure a candidate default so)
-GLUON_AUTO_DIMS = tuple(int(x) for x in os.environ.get("KVARN_GLUON_DIMS", "128").split(",") if x.strip())
 
 
 @functools.lru_cache(maxsize=1)
@@ -828,16 +813,17 @@ def gluon_available() -> bool:
 
 def gluon_supported(q: torch.Tensor, cfg: KVarNConfig | None, qh: int) -> bool:
     """The Gluon record kernel's scope (decode_gluon.py): CUDA, k4v2 records of 128 tokens
-    at head_dim 64, 128 or 256, up to 8 query heads per KV head."""
+    at head_dim 128, up to 8 query heads per KV head."""
     return (q.device.type == "cuda" and cfg is not None and cfg.k_bits == 4 and cfg.v_bits == 2
-            and cfg.group_size == 128 and cfg.head_dim in (64, 128, 256) and qh <= 8)
+            and cfg.group_size == 128 and cfg.head_dim == 128 and qh <= 8)
 
 
 @functools.lru_cache(maxsize=4096)
-def _gluon_splits(programs: int, max_blocks: int, sms: int, programs_per_sm: int = 12) -> int:
+def _gluon_splits(programs: int, max_blocks: int, sms: int) -> int:
     """The wave-count rule of ``_splits`` for the Gluon kernel's one-warp programs
-    (``programs_per_sm`` resident per SM, decode_gluon.LAUNCH), up to 128 splits."""
-    slots = programs_per_sm * sms
+    (decode_gluon.PROGRAMS_PER_SM resident per SM), up to 128 splits."""
+    from kvarn.kernels.decode_gluon import PROGRAMS_PER_SM
+    slots = PROGRAMS_PER_SM * sms
     best, best_cost = 1, None
     for s in range(1, max(1, min(triton.cdiv(max_blocks, 2), 128)) + 1):
         cost = triton.cdiv(programs * s, slots) * (triton.cdiv(max_blocks, s) + 1)
@@ -850,7 +836,7 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
                   prefetch="auto", maxnreg=None):
     """Records by the Gluon kernel (num_splits programs of one warp per sequence and KV
     head, one partial each), the sink and tail blocks by ``_decode_kernel`` with records
-    skipped (two more partials: a program for the sink, one for the tail), then ``_merge_parts_kernel``.
+    skipped (one more partial), then ``_merge_parts_kernel``.
 
     prefetch: "auto" / "l2" (the next record into L2 by a bulk prefetch), "l2x2" (two
     records ahead), None; maxnreg: a register cap for the Gluon kernel (None: none)."""
@@ -861,21 +847,15 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
     hkv, g = kv_fp16.shape[2], kv_fp16.shape[3]
     qh = hq // hkv
     if not gluon_supported(q, cfg, qh):
-        raise ValueError(f"kernel='gluon' covers CUDA, k4v2 G=128, head_dim 64/128/256, <= 8 query heads "
-                         f"per KV head; got {q.device.type}, {None if cfg is None else cfg.name}, D={d}, {qh}")
+        raise ValueError(f"kernel='gluon' covers CUDA, k4v2 G=128, head_dim 128, <= 8 query heads per "
+                         f"KV head; got {q.device.type}, {None if cfg is None else cfg.name}, D={d}, {qh}")
     from kvarn.kernels import decode_gluon
-    maxnreg0, per_sm = decode_gluon.LAUNCH[d]
     if num_splits is None:
-        num_splits = _gluon_splits(max(bsz * hkv, 1), block_tables.shape[1], _sm_count(q.device), per_sm)
+        num_splits = _gluon_splits(max(bsz * hkv, 1), block_tables.shape[1], _sm_count(q.device))
     num_splits = max(1, int(num_splits))
     if maxnreg is None:
-        maxnreg = maxnreg0
-    # the bulk prefetch wants 16-byte aligned records of a multiple of 16 bytes
-    rec_bytes = cfg.record_bytes
-    ahead = aheads[prefetch]
-    if rec_bytes % 16 or records.stride(0) % 16 or records.stride(1) % 16 or records.data_ptr() % 16:
-        ahead = 0
-    parts = num_splits + 2          # the record splits, the sink, the tail
+        maxnreg = decode_gluon.MAXNREG
+    parts = num_splits + 1
     po = torch.empty(bsz, hq, parts, d, dtype=torch.float32, device=q.device)
     plse = torch.empty(bsz, hq, parts, dtype=torch.float32, device=q.device)
     o = cfg.offsets
@@ -883,33 +863,19 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
         q, records, block_tables, context_lens, po, plse, scale * LOG2E,
         q.stride(0), q.stride(1), records.stride(0), records.stride(1), block_tables.stride(0),
         hkv, hq, num_splits, parts,
-        QH=qh, G=g, D=d, AHEAD=ahead, PF_ASM=decode_gluon.prefetch_asm(rec_bytes if rec_bytes % 16 == 0 else 16),
-        OFF_KC=o["k_codes"], OFF_KS=o["k_scale"], OFF_KZ=o["k_zero"], OFF_KT=o["k_tok"],
+        QH=qh, G=g, AHEAD=aheads[prefetch], OFF_KC=o["k_codes"], OFF_KS=o["k_scale"], OFF_KZ=o["k_zero"], OFF_KT=o["k_tok"],
         OFF_VC=o["v_codes"], OFF_VCH=o["v_chan"], OFF_VS=o["v_scale"], OFF_VZ=o["v_zero"],
         num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
     warps0, _, rec_sub0, _ = default_launch(cfg, g, d)
-    _fp16_part(q, kv_fp16, records, block_tables, context_lens, out, po, plse, scale, hkv, hq, qh, parts,
-               num_splits, g, d, cfg, warps0, rec_sub0)
-    p2 = triton.next_power_of_2(parts)
-    dch = _merge_dch(p2, d)
-    _merge_parts_kernel[(bsz, hq, d // dch)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq, parts,
-                                             D=d, PARTS_P2=p2, DCH=dch, num_warps=4)
-    return out
-
-
-def _fp16_part(q, kv_fp16, records, block_tables, context_lens, out, po, plse, scale, hkv, hq, qh, parts,
-               num_splits, g, d, cfg, warps0, rec_sub0):
-    """``_decode_kernel`` over the sink and tail blocks only (records skipped), as two
-    splits of the block range (split 0 holds the sink, split 1 the tail: two programs per
-    sequence and KV head, each a shorter chain than one doing both) into partials
-    num_splits and num_splits + 1 of po / plse."""
-    bsz = q.shape[0]
-    _decode_kernel[(bsz * hkv, 2)](
+    _decode_kernel[(bsz * hkv, 1)](
         q, kv_fp16, records, block_tables, context_lens, out, po, plse,
         scale * LOG2E, FP16_MAGIC,
         q.stride(0), q.stride(1), kv_fp16.stride(0), kv_fp16.stride(1), kv_fp16.stride(2),
         records.stride(0), records.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
-        hkv, hq, 2, parts, num_splits,
+        hkv, hq, 1, parts, num_splits,
         QH=qh, BLOCK_H=max(16, triton.next_power_of_2(qh)), G=g, BLOCK_N=fp16_block_n(g, d), REC_SUB=rec_sub0,
         D=d, REC_DEQ=True, REC_JOINT=False, PREFETCH=0, SPLIT=True, SKIP_REC=True,
         **record_constexprs(cfg), num_warps=warps0, num_stages=2)
+    _merge_parts_kernel[(bsz, hq)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq, parts,
+                                   D=d, PARTS_P2=triton.next_power_of_2(parts), num_warps=4)
+    return out
