@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -717,7 +718,7 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
     None.
     kernel: "triton" (``_decode_kernel``, every preset, CPU interpreter included),
     "gluon" (decode_gluon.py: records by a one-warp Gluon kernel, CUDA only, k4v2_g128 at
-    head_dim 128; there prefetch is "auto"/"l2"/"l2x2"/None and maxnreg its register
+    head_dim 64, 128 or 256, ``GLUON_AUTO_DIMS``; there prefetch is "auto"/"l2"/"l2x2"/None and maxnreg its register
     cap), or "auto": "gluon" where it applies, no Triton-kernel knob is given and the
     batch holds at least ``GLUON_MIN_RECORDS`` records, else "triton".
     """
@@ -734,7 +735,7 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
         # B1 N32K, 2,032 records, 0.036 vs 0.040)
         many = bsz * hkv * max(block_tables.shape[1] - 2, 0) >= GLUON_MIN_RECORDS
         kernel = "gluon" if (not triton_knobs and many and gluon_supported(q, cfg, hq // hkv)
-                             and gluon_available()) else "triton"
+                             and q.shape[-1] in GLUON_AUTO_DIMS and gluon_available()) else "triton"
     if block_tables.shape[0] != bsz or context_lens.shape[0] != bsz:
         raise ValueError(f"batch {bsz}: block_tables {tuple(block_tables.shape)}, "
                          f"context_lens {tuple(context_lens.shape)}")
@@ -799,6 +800,10 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
 # kernel="auto" takes the Gluon record kernel from this many records per call (the
 # batch's sequences x KV heads x record blocks its block table can hold)
 GLUON_MIN_RECORDS = 1024
+# head dims kernel="auto" gives the Gluon kernel. D 64 and 256 (session 6) run with
+# kernel="gluon" but have not yet passed on a GPU (NOTES.md attempt 27), so auto keeps
+# them on the Triton kernel; KVARN_GLUON_DIMS="64,128,256" overrides, for benchmarks.
+GLUON_AUTO_DIMS = tuple(int(x) for x in os.environ.get("KVARN_GLUON_DIMS", "128").split(",") if x.strip())
 
 
 @functools.lru_cache(maxsize=1)
@@ -813,17 +818,17 @@ def gluon_available() -> bool:
 
 def gluon_supported(q: torch.Tensor, cfg: KVarNConfig | None, qh: int) -> bool:
     """The Gluon record kernel's scope (decode_gluon.py): CUDA, k4v2 records of 128 tokens
-    at head_dim 128, up to 8 query heads per KV head."""
+    at head_dim 64, 128 or 256, up to 8 query heads per KV head (``kernel="auto"`` takes
+    it only at the head dims of ``GLUON_AUTO_DIMS``)."""
     return (q.device.type == "cuda" and cfg is not None and cfg.k_bits == 4 and cfg.v_bits == 2
-            and cfg.group_size == 128 and cfg.head_dim == 128 and qh <= 8)
+            and cfg.group_size == 128 and cfg.head_dim in (64, 128, 256) and qh <= 8)
 
 
 @functools.lru_cache(maxsize=4096)
-def _gluon_splits(programs: int, max_blocks: int, sms: int) -> int:
+def _gluon_splits(programs: int, max_blocks: int, sms: int, programs_per_sm: int = 12) -> int:
     """The wave-count rule of ``_splits`` for the Gluon kernel's one-warp programs
-    (decode_gluon.PROGRAMS_PER_SM resident per SM), up to 128 splits."""
-    from kvarn.kernels.decode_gluon import PROGRAMS_PER_SM
-    slots = PROGRAMS_PER_SM * sms
+    (``programs_per_sm`` resident per SM, decode_gluon.LAUNCH), up to 128 splits."""
+    slots = programs_per_sm * sms
     best, best_cost = 1, None
     for s in range(1, max(1, min(triton.cdiv(max_blocks, 2), 128)) + 1):
         cost = triton.cdiv(programs * s, slots) * (triton.cdiv(max_blocks, s) + 1)
@@ -847,14 +852,20 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
     hkv, g = kv_fp16.shape[2], kv_fp16.shape[3]
     qh = hq // hkv
     if not gluon_supported(q, cfg, qh):
-        raise ValueError(f"kernel='gluon' covers CUDA, k4v2 G=128, head_dim 128, <= 8 query heads per "
-                         f"KV head; got {q.device.type}, {None if cfg is None else cfg.name}, D={d}, {qh}")
+        raise ValueError(f"kernel='gluon' covers CUDA, k4v2 G=128, head_dim 64/128/256, <= 8 query heads "
+                         f"per KV head; got {q.device.type}, {None if cfg is None else cfg.name}, D={d}, {qh}")
     from kvarn.kernels import decode_gluon
+    maxnreg0, per_sm = decode_gluon.LAUNCH[d]
     if num_splits is None:
-        num_splits = _gluon_splits(max(bsz * hkv, 1), block_tables.shape[1], _sm_count(q.device))
+        num_splits = _gluon_splits(max(bsz * hkv, 1), block_tables.shape[1], _sm_count(q.device), per_sm)
     num_splits = max(1, int(num_splits))
     if maxnreg is None:
-        maxnreg = decode_gluon.MAXNREG
+        maxnreg = maxnreg0
+    # the bulk prefetch wants 16-byte aligned records of a multiple of 16 bytes
+    rec_bytes = cfg.record_bytes
+    ahead = aheads[prefetch]
+    if rec_bytes % 16 or records.stride(0) % 16 or records.stride(1) % 16 or records.data_ptr() % 16:
+        ahead = 0
     parts = num_splits + 1
     po = torch.empty(bsz, hq, parts, d, dtype=torch.float32, device=q.device)
     plse = torch.empty(bsz, hq, parts, dtype=torch.float32, device=q.device)
@@ -863,7 +874,8 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
         q, records, block_tables, context_lens, po, plse, scale * LOG2E,
         q.stride(0), q.stride(1), records.stride(0), records.stride(1), block_tables.stride(0),
         hkv, hq, num_splits, parts,
-        QH=qh, G=g, AHEAD=aheads[prefetch], OFF_KC=o["k_codes"], OFF_KS=o["k_scale"], OFF_KZ=o["k_zero"], OFF_KT=o["k_tok"],
+        QH=qh, G=g, D=d, AHEAD=ahead, PF_ASM=decode_gluon.prefetch_asm(rec_bytes if rec_bytes % 16 == 0 else 16),
+        OFF_KC=o["k_codes"], OFF_KS=o["k_scale"], OFF_KZ=o["k_zero"], OFF_KT=o["k_tok"],
         OFF_VC=o["v_codes"], OFF_VCH=o["v_chan"], OFF_VS=o["v_scale"], OFF_VZ=o["v_zero"],
         num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
     warps0, _, rec_sub0, _ = default_launch(cfg, g, d)

@@ -1,8 +1,8 @@
 """KVarN record attention in Gluon: codes unpacked straight into mma.sync fragments.
 
-GPU only (Gluon has no CPU interpreter). An experiment against the Triton kernel's
-record loop (decode_attention.py), for the k4v2_g128 preset at head_dim 128: one warp
-per program, so nothing in the record loop crosses warps (no barrier, no shared memory).
+GPU only (Gluon has no CPU interpreter). The record loop of the Triton kernel
+(decode_attention.py) for the k4v2_g128 preset at head_dim 64, 128 and 256: one warp per
+program, so nothing in the record loop crosses warps (no barrier, no shared memory).
 
 Why: the Triton kernel unpacks codes in a blocked layout and Triton moves them into the
 tensor-core operand layout through shared memory (STS, barrier, LDSM), and its softmax
@@ -22,6 +22,14 @@ Orientation (one record, G = 128 tokens, D = 128 channels, up to 8 query heads a
     gets there from s^T's accumulator layout by one movmatrix (8x8 transpose) per
     register. Row c of o^T is channel 16 (c % 8) + c // 8 (a lane's 16 channels are one
     V word per token).
+
+Other head dims (session 6; at D 128 the record loop compiles to the same PTX as
+session 5's D-128-only kernel, which passed on the H100; D 64 and D 256 have not yet run
+on a GPU with the chunk-offset fix, so ``kernel="auto"`` does not take them, NOTES.md
+attempt 27): K takes D / 16 channel chunks. At D 256, o^T runs twice, over channels
+0..127 and 128..255 (the V words 0..7 and 8..15 of each token), into two accumulators. At
+D 64, o^T is [64 c, 8 h] with row c channel 8 (c % 8) + c // 8: a lane's 8 channels are
+one V half-word per token, loaded as int16 and unpacked by the first half of V_ASM.
 
 Scales are folded (as ``_record_tile``): codes enter centered (c - 8, c - 2); ks into q
 (per record), kz' = kz + 8 ks as a per-head constant sum_d q kz', kt on the score rows,
@@ -53,10 +61,13 @@ def _flat_layout(shape, reg, lane):
                                       warp_bases=[], block_bases=[], shape=[n])
 
 
-# Launch defaults (H100 sweep, benchmarks/NOTES.md attempt 26): a 168-register cap (193
-# uncapped at Triton 3.6, sm_90a; no spill at 168) lets 12 one-warp programs share an SM.
-MAXNREG = 168
-PROGRAMS_PER_SM = 12
+# Launch defaults per head_dim: (register cap, one-warp programs resident per SM).
+# D 128 (H100 sweep, benchmarks/NOTES.md attempt 26): 168 registers (193 uncapped at
+# Triton 3.6, sm_90a; no spill in the loop at 168) let 12 programs share an SM. D 64: 128
+# registers without a spill (sm_90a compile), 16 programs. D 256 (two 128-channel
+# accumulators): 255, 8 programs (232 spills 22 stores).
+LAUNCH = {64: (128, 16), 128: (168, 12), 256: (255, 8)}
+MAXNREG, PROGRAMS_PER_SM = LAUNCH[128]
 
 MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
 A_L = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
@@ -70,12 +81,21 @@ VW_L = gl.constexpr(_flat_layout([4, 2, 8, 2], reg=[(3, 1), (1, 1)],
 # per-token / per-channel fields of the rows a lane holds, [8 g, 16 j] flat (16 g + j)
 ROW_L = gl.constexpr(_flat_layout([8, 16], reg=[(1, 1), (1, 2), (1, 4), (1, 8)],
                                   lane=[None, None, (0, 1), (0, 2), (0, 4)]))
+# the same for a 64-row accumulator (head_dim 64: channel 8 (r % 8) + r // 8), [8 g, 8 j] flat
+ROW64_L = gl.constexpr(_flat_layout([8, 8], reg=[(1, 1), (1, 2), (1, 4)],
+                                    lane=[None, None, (0, 1), (0, 2), (0, 4)]))
 
 # one lane per element, for the L2 prefetch of a record's 32 slices
 LANE_L = gl.constexpr(gl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[1],
                                        order=[0]))
-# sm_90 bulk prefetch of a whole 13,824-byte record (k4v2, G 128, D 128) into L2
-PF_ASM = gl.constexpr("cp.async.bulk.prefetch.L2.global [$1], 13824;\n\tmov.u32 $0, 0;")
+
+
+def prefetch_asm(record_bytes: int) -> str:
+    """sm_90 bulk prefetch of a whole record (``record_bytes``, a multiple of 16) into L2."""
+    if record_bytes % 16:
+        raise ValueError(f"a bulk prefetch takes a multiple of 16 bytes, got {record_bytes}")
+    return f"cp.async.bulk.prefetch.L2.global [$1], {record_bytes};\n\tmov.u32 $0, 0;"
+
 
 # two K words (channels c, c+1; 8 tokens each) -> 8 registers, each the fp16 pair
 # (c - 8 of channel c, of channel c+1) for one token: PRMT pairs byte b of both words,
@@ -157,6 +177,38 @@ fma.rn.f16x2 $14, $14, s16, c16;
 fma.rn.f16x2 $15, $15, s64, c64;
 }""")
 
+# head_dim 64: two V half-words (tokens a, b; 8 channels each) -> 8 registers, as V_ASM's
+# first two bytes
+V64_ASM = gl.constexpr("""{
+.reg .b32 t<2>, s1, s4, s16, s64, c4, c16, c64, mg;
+mov.b32 mg, 0x64006400;
+mov.b32 s1, 0x64026402;
+mov.b32 s4, 0x34003400;
+mov.b32 s16, 0x2C002C00;
+mov.b32 s64, 0x24002400;
+mov.b32 c4, 0xDC08DC08;
+mov.b32 c16, 0xD420D420;
+mov.b32 c64, 0xCC80CC80;
+prmt.b32 t0, $8, $9, 0x4400;
+prmt.b32 t1, $8, $9, 0x5511;
+lop3.b32 $0, t0, 0x00030003, mg, 0xEA;
+lop3.b32 $1, t0, 0x000C000C, mg, 0xEA;
+lop3.b32 $2, t0, 0x00300030, mg, 0xEA;
+lop3.b32 $3, t0, 0x00C000C0, mg, 0xEA;
+lop3.b32 $4, t1, 0x00030003, mg, 0xEA;
+lop3.b32 $5, t1, 0x000C000C, mg, 0xEA;
+lop3.b32 $6, t1, 0x00300030, mg, 0xEA;
+lop3.b32 $7, t1, 0x00C000C0, mg, 0xEA;
+sub.f16x2 $0, $0, s1;
+fma.rn.f16x2 $1, $1, s4, c4;
+fma.rn.f16x2 $2, $2, s16, c16;
+fma.rn.f16x2 $3, $3, s64, c64;
+sub.f16x2 $4, $4, s1;
+fma.rn.f16x2 $5, $5, s4, c4;
+fma.rn.f16x2 $6, $6, s16, c16;
+fma.rn.f16x2 $7, $7, s64, c64;
+}""")
+
 
 @gluon.jit
 def _j2(a, b):
@@ -180,11 +232,11 @@ def _f16_to_pair(x):
 
 
 @gluon.jit
-def _rows(ptr, idx):
-    """fp16 fields at ptr[idx(r)] for the 128 rows of an mma accumulator (row r is
-    token / channel 16 (r % 8) + r // 8), fp32 in SliceLayout(1, MMA)."""
-    x = gl.load(ptr + idx).to(gl.float32)                      # [8 g * 16 j] flat, 16 g + j
-    x = gl.reshape(gl.permute(gl.reshape(x, [8, 16]), [1, 0]), [128])
+def _rows(ptr, idx, N: gl.constexpr = 128):
+    """fp16 fields at ptr[idx(r)] for the N rows of an mma accumulator (row r is
+    token / channel (N / 8) (r % 8) + r // 8), fp32 in SliceLayout(1, MMA)."""
+    x = gl.load(ptr + idx).to(gl.float32)                      # [8 g * (N/8) j] flat, (N/8) g + j
+    x = gl.reshape(gl.permute(gl.reshape(x, [8, N // 8]), [1, 0]), [N])
     return gl.convert_layout(x, gl.SliceLayout(1, MMA), assert_trivial=True)
 
 
@@ -220,6 +272,21 @@ def _v_chunk(vw_ptr, vidx):
 
 
 @gluon.jit
+def _v_chunk64(vw_ptr, vidx):
+    """head_dim 64: the codes of the 16 tokens of chunk k as the [64 c, 16] A fragment
+    (vw_ptr int16: a token's 8 half-words; row c is channel 8 (c % 8) + c // 8)."""
+    wv = gl.reshape(gl.load(vw_ptr + vidx).to(gl.int32), [4, 2, 8, 2])   # [q, f, g, e]
+    wa, wb = gl.split(wv)
+    o = gl.inline_asm_elementwise(
+        V64_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [wa, wb], dtype=(gl.int32,) * 8, is_pure=True, pack=1)
+    a = _j2(_j2(_j2(o[0], o[1]), _j2(o[2], o[3])), _j2(_j2(o[4], o[5]), _j2(o[6], o[7])))
+    # a [q, f, g, j0, j1, j2]: channel 8 g + j, j = j0 + 2 j1 + 4 j2
+    a = gl.reshape(gl.permute(a, [5, 4, 3, 2, 1, 0]), [64, 8])   # [c = 8 j + g, up = 4 f + q]
+    a = gl.reshape(_pair_to_f16(a), [64, 16])                   # [c, u16 = 2 up + e]
+    return gl.convert_layout(a, A_L, assert_trivial=True)
+
+
+@gluon.jit
 def _p_chunk(t, K: gl.constexpr):
     """Chunk K (tokens u = 16K + [0, 16)) of the transposed p: B fragment [16, 8]."""
     # t [128, 4] int32 after movmatrix: t[g + 8 j, q] = pair (u = 8 j + 2 q + e, head g)
@@ -250,7 +317,7 @@ def _q_chunk(q_ptr, stride_qh, K: gl.constexpr, ks_ptr, kz_ptr, QH, qk_scale):
 
 
 @gluon.jit
-def _prefetch_record_l2(rec):
+def _prefetch_record_l2(rec, PF_ASM: gl.constexpr):
     """Ask L2 for a whole record (one bulk prefetch with the same address in every lane, so
     ptxas issues it once; no registers held): the record AHEAD iterations on, so that
     its loads hit L2."""
@@ -259,13 +326,42 @@ def _prefetch_record_l2(rec):
 
 
 @gluon.jit
+def _v_half(vw_ptr, vidx, t, D: gl.constexpr):
+    """o^T over one record for the 128 channels (64 at head_dim 64) that vidx addresses:
+    Vc^T @ (p vs)^T in 8 chunks of 16 tokens."""
+    o = gl.zeros([128 if D >= 128 else 64, 8], gl.float32, layout=MMA)
+    for k in gl.static_range(8):
+        # chunk k's tokens are vidx's + 2k: 2k tokens of D / 16 words (8 half-words at D 64)
+        if D == 64:
+            o = mma_v2(_v_chunk64(vw_ptr + 2 * 8 * k, vidx), _p_chunk(t, k), o)
+        else:
+            o = mma_v2(_v_chunk(vw_ptr + 2 * (D // 16) * k, vidx), _p_chunk(t, k), o)
+    return o
+
+
+@gluon.jit
+def _store_partial(po_ptr, part, acc, l_safe, live, dead, C0: gl.constexpr, D: gl.constexpr):
+    """Rows of acc / l to po[part, C0 + channel(row)] (zeros where the split is empty)."""
+    N: gl.constexpr = 128 if D >= 128 else 64
+    cc = gl.arange(0, N, layout=gl.SliceLayout(1, MMA))
+    ch = C0 + (cc % 8) * (N // 8) + cc // 8
+    gl.store(po_ptr + part[None, :] * D + ch[:, None], acc / l_safe[None, :], mask=live[None, :])
+    gl.store(po_ptr + part[None, :] * D + ch[:, None], gl.zeros([N, 8], gl.float32, layout=MMA),
+             mask=dead[None, :])
+
+
+@gluon.jit
 def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, qk_scale,
                             stride_qb, stride_qh, stride_rb, stride_rh, stride_bt,
                             HKV, HQ, num_splits, part_stride,
-                            QH: gl.constexpr, G: gl.constexpr, AHEAD: gl.constexpr,
+                            QH: gl.constexpr, G: gl.constexpr, D: gl.constexpr, AHEAD: gl.constexpr,
+                            PF_ASM: gl.constexpr,
                             OFF_KC: gl.constexpr, OFF_KS: gl.constexpr, OFF_KZ: gl.constexpr,
                             OFF_KT: gl.constexpr, OFF_VC: gl.constexpr, OFF_VCH: gl.constexpr,
                             OFF_VS: gl.constexpr, OFF_VZ: gl.constexpr):
+    # D 64: one 64-row V accumulator (half-word V loads); 128: one 128-row; 256: two
+    # 128-row halves (channels 0..127, 128..255), each the head_dim-128 V path
+    VN: gl.constexpr = 128 if D >= 128 else 64
     pid = gl.program_id(0)
     split = gl.program_id(1)
     b = pid // HKV
@@ -288,30 +384,35 @@ def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, q
     vg = (vflat // 2) % 8
     ve = vflat % 2
     vtok = 32 * vq + 16 * ve + vf                              # + 2k per chunk
-    vidx = vtok * 8 + vg
+    # word (half-word at D 64) g of the token's first 8: D / 16 words per token
+    vidx = vtok * (8 if D == 64 else D // 16) + vg
     rflat = gl.arange(0, 128, layout=ROW_L)                    # 16 g + j
+    if D == 64:
+        cflat = gl.arange(0, 64, layout=ROW64_L)               # 8 g + j
+    else:
+        cflat = rflat
 
     hh = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
     m = gl.full([8], -1.0e30, gl.float32, layout=gl.SliceLayout(0, MMA))
     l = gl.zeros([8], gl.float32, layout=gl.SliceLayout(0, MMA))
-    acc = gl.zeros([128, 8], gl.float32, layout=MMA)
+    acc = gl.zeros([VN, 8], gl.float32, layout=MMA)
+    acc2 = gl.zeros([VN, 8], gl.float32, layout=MMA)          # D 256: channels 128..255
 
     for k in gl.static_range(AHEAD):
         nxt = gl.load(bt + gl.minimum(r0 + k, r1 - 1), mask=r0 < r1, other=0).to(gl.int64)
-        _prefetch_record_l2(rec_head + nxt * stride_rb)
+        _prefetch_record_l2(rec_head + nxt * stride_rb, PF_ASM)
     for i in range(r0, r1):
         blk = gl.load(bt + i).to(gl.int64)
         if AHEAD > 0:
             nxt = gl.load(bt + gl.minimum(i + AHEAD, r1 - 1)).to(gl.int64)
-            _prefetch_record_l2(rec_head + nxt * stride_rb)
+            _prefetch_record_l2(rec_head + nxt * stride_rb, PF_ASM)
         rec = rec_head + blk * stride_rb
         rec16 = rec.to(gl.pointer_type(gl.float16))
         kw_ptr = (rec + OFF_KC).to(gl.pointer_type(gl.int32))
-        vw_ptr = (rec + OFF_VC).to(gl.pointer_type(gl.int32))
-        # ---- scores s^T = Kc @ (q ks)^T, 8 chunks of 16 channels
+        # ---- scores s^T = Kc @ (q ks)^T, D / 16 chunks of 16 channels
         s = gl.zeros([128, 8], gl.float32, layout=MMA)
         zq = gl.zeros([16, 8], gl.float32, layout=B_L)
-        for k in gl.static_range(8):
+        for k in gl.static_range(D // 16):
             qk, zk = _q_chunk(q_base, stride_qh, k, rec16 + OFF_KS // 2, rec16 + OFF_KZ // 2, QH, qk_scale)
             zq = zq + zk
             s = mma_v2(_k_chunk(kw_ptr + k * 256, kidx), qk, s)
@@ -331,23 +432,27 @@ def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, q
         pp = _f16_to_pair(gl.reshape(pv, [128, 4, 2]))          # [128 r, 4 hp]
         t = gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r", [pp],
                                       dtype=gl.int32, is_pure=True, pack=1)
-        # ---- o^T = Vc^T @ (p vs)^T, 8 chunks of 16 tokens
-        o = gl.zeros([128, 8], gl.float32, layout=MMA)
-        for k in gl.static_range(8):
-            o = mma_v2(_v_chunk(vw_ptr + 16 * k, vidx), _p_chunk(t, k), o)
-        vch = _rows(rec16 + OFF_VCH // 2, rflat)
+        # ---- o^T = Vc^T @ (p vs)^T
+        if D == 64:
+            vw_ptr = (rec + OFF_VC).to(gl.pointer_type(gl.int16))
+        else:
+            vw_ptr = (rec + OFF_VC).to(gl.pointer_type(gl.int32))
+        o = _v_half(vw_ptr, vidx, t, D)
+        vch = _rows(rec16 + OFF_VCH // 2, cflat, VN)
         acc = acc * alpha[None, :] + (o + zv[None, :]) * vch[:, None]
+        if D == 256:
+            o = _v_half(vw_ptr + 8, vidx, t, D)
+            vch = _rows(rec16 + OFF_VCH // 2 + 128, cflat, VN)
+            acc2 = acc2 * alpha[None, :] + (o + zv[None, :]) * vch[:, None]
 
-    # partial (acc / l, m + log2 l) per head; rows c are channel 16 (c % 8) + c // 8
+    # partial (acc / l, m + log2 l) per head
     l_safe = gl.where(l > 0, l, 1.0)
-    out = acc / l_safe[None, :]
-    cc = gl.arange(0, 128, layout=gl.SliceLayout(1, MMA))
-    ch = (cc % 8) * 16 + cc // 8
     head = kvh * QH + hh
     part = (b * HQ + head) * part_stride + split
     live = (hh < QH) & (r0 < r1)
-    gl.store(po_ptr + part[None, :] * 128 + ch[:, None], out, mask=live[None, :])
+    dead = (hh < QH) & (r0 >= r1)
+    _store_partial(po_ptr, part, acc, l_safe, live, dead, 0, D)
+    if D == 256:
+        _store_partial(po_ptr, part, acc2, l_safe, live, dead, 128, D)
     lse = gl.where(r0 < r1, m + gl.log2(l_safe), float("-inf"))
     gl.store(plse_ptr + part, lse, mask=hh < QH)
-    gl.store(po_ptr + part[None, :] * 128 + ch[:, None], gl.zeros([128, 8], gl.float32, layout=MMA),
-             mask=((hh < QH) & (r0 >= r1))[None, :])

@@ -26,10 +26,27 @@ GLUON_CASES = [
 ]
 
 
+# head_dim 64 (half-word V loads, a 64-row accumulator) and 256 (two 128-channel halves)
+GLUON_DIM_CASES = [
+    (64, 3, [1, 129, 257, 4000, 16385], None),
+    (64, 1, [2000, 300], 5),
+    (64, 8, [9999, 640], None),
+    (256, 4, [1, 129, 257, 4000, 16385], None),
+    (256, 2, [3000, 300], 6),
+    (256, 7, [5000], None),
+]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("qh,lens,splits", GLUON_CASES)
 def test_gluon_decode_matches_reference(qh, lens, splits):
     run_case("kvarn_k4v2_g128", 128, qh, lens, splits, hkv=4, seed=11, kernel="gluon")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,qh,lens,splits", GLUON_DIM_CASES)
+def test_gluon_decode_other_head_dims(d, qh, lens, splits):
+    run_case("kvarn_k4v2_g128", d, qh, lens, splits, hkv=3, seed=13, kernel="gluon")
 
 
 @pytest.mark.gpu
