@@ -127,87 +127,32 @@ sub.f16x2 $6, $6, ka;
 fma.rn.f16x2 $7, $7, kb, kc;
 }""")
 
-# two V words (tokens a, b; 16 channels each, 2 bits) -> 16 registers, each the fp16
-# pair (c - 2 of token a, of token b) for channel 4 * byte + position
-V_ASM = gl.constexpr("""{
-.reg .b32 t<4>, s1, s4, s16, s64, c4, c16, c64, mg;
-mov.b32 mg, 0x64006400;
-mov.b32 s1, 0x64026402;
-mov.b32 s4, 0x34003400;
-mov.b32 s16, 0x2C002C00;
-mov.b32 s64, 0x24002400;
-mov.b32 c4, 0xDC08DC08;
-mov.b32 c16, 0xD420D420;
-mov.b32 c64, 0xCC80CC80;
-prmt.b32 t0, $16, $17, 0x4400;
-prmt.b32 t1, $16, $17, 0x5511;
-prmt.b32 t2, $16, $17, 0x6622;
-prmt.b32 t3, $16, $17, 0x7733;
-lop3.b32 $0, t0, 0x00030003, mg, 0xEA;
-lop3.b32 $1, t0, 0x000C000C, mg, 0xEA;
-lop3.b32 $2, t0, 0x00300030, mg, 0xEA;
-lop3.b32 $3, t0, 0x00C000C0, mg, 0xEA;
-lop3.b32 $4, t1, 0x00030003, mg, 0xEA;
-lop3.b32 $5, t1, 0x000C000C, mg, 0xEA;
-lop3.b32 $6, t1, 0x00300030, mg, 0xEA;
-lop3.b32 $7, t1, 0x00C000C0, mg, 0xEA;
-lop3.b32 $8, t2, 0x00030003, mg, 0xEA;
-lop3.b32 $9, t2, 0x000C000C, mg, 0xEA;
-lop3.b32 $10, t2, 0x00300030, mg, 0xEA;
-lop3.b32 $11, t2, 0x00C000C0, mg, 0xEA;
-lop3.b32 $12, t3, 0x00030003, mg, 0xEA;
-lop3.b32 $13, t3, 0x000C000C, mg, 0xEA;
-lop3.b32 $14, t3, 0x00300030, mg, 0xEA;
-lop3.b32 $15, t3, 0x00C000C0, mg, 0xEA;
-sub.f16x2 $0, $0, s1;
-fma.rn.f16x2 $1, $1, s4, c4;
-fma.rn.f16x2 $2, $2, s16, c16;
-fma.rn.f16x2 $3, $3, s64, c64;
-sub.f16x2 $4, $4, s1;
-fma.rn.f16x2 $5, $5, s4, c4;
-fma.rn.f16x2 $6, $6, s16, c16;
-fma.rn.f16x2 $7, $7, s64, c64;
-sub.f16x2 $8, $8, s1;
-fma.rn.f16x2 $9, $9, s4, c4;
-fma.rn.f16x2 $10, $10, s16, c16;
-fma.rn.f16x2 $11, $11, s64, c64;
-sub.f16x2 $12, $12, s1;
-fma.rn.f16x2 $13, $13, s4, c4;
-fma.rn.f16x2 $14, $14, s16, c16;
-fma.rn.f16x2 $15, $15, s64, c64;
-}""")
+def _v_unpack_asm(n_bytes: int) -> str:
+    """PTX for the first n_bytes (4, or 2 at head_dim 64) bytes of two V words (tokens a,
+    b; 2-bit codes) -> 4 n_bytes registers, each the fp16 pair (c - 2 of token a, of
+    token b) for channel 4 * byte + position: PRMT pairs byte k of both words, the masks
+    take one 2-bit field (x = c * 4^position), OR 0x6400 makes fp16 1024 + x, and one
+    FMA scales by 4^-position and subtracts 1024 / 4^position + 2."""
+    n = 4 * n_bytes
+    lines = ["{", f".reg .b32 t<{n_bytes}>, s1, s4, s16, s64, c4, c16, c64, mg;",
+             "mov.b32 mg, 0x64006400;", "mov.b32 s1, 0x64026402;", "mov.b32 s4, 0x34003400;",
+             "mov.b32 s16, 0x2C002C00;", "mov.b32 s64, 0x24002400;", "mov.b32 c4, 0xDC08DC08;",
+             "mov.b32 c16, 0xD420D420;", "mov.b32 c64, 0xCC80CC80;"]
+    sel = ("0x4400", "0x5511", "0x6622", "0x7733")
+    lines += [f"prmt.b32 t{k}, ${n}, ${n + 1}, {sel[k]};" for k in range(n_bytes)]
+    masks = ("0x00030003", "0x000C000C", "0x00300030", "0x00C000C0")
+    lines += [f"lop3.b32 ${4 * k + j}, t{k}, {masks[j]}, mg, 0xEA;" for k in range(n_bytes) for j in range(4)]
+    for k in range(n_bytes):
+        r = 4 * k
+        lines += [f"sub.f16x2 ${r}, ${r}, s1;", f"fma.rn.f16x2 ${r + 1}, ${r + 1}, s4, c4;",
+                  f"fma.rn.f16x2 ${r + 2}, ${r + 2}, s16, c16;", f"fma.rn.f16x2 ${r + 3}, ${r + 3}, s64, c64;"]
+    return "\n".join(lines + ["}"])
 
-# head_dim 64: two V half-words (tokens a, b; 8 channels each) -> 8 registers, as V_ASM's
-# first two bytes
-V64_ASM = gl.constexpr("""{
-.reg .b32 t<2>, s1, s4, s16, s64, c4, c16, c64, mg;
-mov.b32 mg, 0x64006400;
-mov.b32 s1, 0x64026402;
-mov.b32 s4, 0x34003400;
-mov.b32 s16, 0x2C002C00;
-mov.b32 s64, 0x24002400;
-mov.b32 c4, 0xDC08DC08;
-mov.b32 c16, 0xD420D420;
-mov.b32 c64, 0xCC80CC80;
-prmt.b32 t0, $8, $9, 0x4400;
-prmt.b32 t1, $8, $9, 0x5511;
-lop3.b32 $0, t0, 0x00030003, mg, 0xEA;
-lop3.b32 $1, t0, 0x000C000C, mg, 0xEA;
-lop3.b32 $2, t0, 0x00300030, mg, 0xEA;
-lop3.b32 $3, t0, 0x00C000C0, mg, 0xEA;
-lop3.b32 $4, t1, 0x00030003, mg, 0xEA;
-lop3.b32 $5, t1, 0x000C000C, mg, 0xEA;
-lop3.b32 $6, t1, 0x00300030, mg, 0xEA;
-lop3.b32 $7, t1, 0x00C000C0, mg, 0xEA;
-sub.f16x2 $0, $0, s1;
-fma.rn.f16x2 $1, $1, s4, c4;
-fma.rn.f16x2 $2, $2, s16, c16;
-fma.rn.f16x2 $3, $3, s64, c64;
-sub.f16x2 $4, $4, s1;
-fma.rn.f16x2 $5, $5, s4, c4;
-fma.rn.f16x2 $6, $6, s16, c16;
-fma.rn.f16x2 $7, $7, s64, c64;
-}""")
+
+# two V words (tokens a, b; 16 channels each) -> 16 registers; head_dim 64: two V
+# half-words (8 channels each) -> 8 registers
+V_ASM = gl.constexpr(_v_unpack_asm(4))
+V64_ASM = gl.constexpr(_v_unpack_asm(2))
 
 
 @gluon.jit
