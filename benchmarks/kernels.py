@@ -230,8 +230,9 @@ def decode_row(label, args, copy_bw) -> dict:
         "fp16": (lambda: case.run_fp16(), case.bytes_fp16()),
         "sdpa": (None, case.bytes_fp16()),
     }
-    from kvarn.kernels.decode_attention import gluon_supported
-    if gluon_supported(case.q, cfg, hq // hkv):    # "kvarn" runs the Gluon kernel there: the Triton one too
+    from kvarn.kernels.decode_attention import GLUON_AUTO_DIMS, gluon_supported
+    # where "kvarn" (kernel="auto") runs the Gluon kernel, time the Triton one too
+    if gluon_supported(case.q, cfg, hq // hkv) and d in GLUON_AUTO_DIMS:
         impls["kvarn_triton"] = (lambda: case.run_kvarn(kernel="triton"), case.bytes_kvarn())
     for name, (fn, nbytes) in impls.items():
         ms = time_sdpa(case, backend) if name == "sdpa" else bench(fn)
@@ -274,8 +275,9 @@ def graph_latency(label, copies: int = 16, replays: int = 50) -> dict:
                                                  case.lens[sl[i]], None, out=outs[i]),
         "sdpa": sdpa,
     }
-    from kvarn.kernels.decode_attention import gluon_supported
-    if gluon_supported(case.q, cfg, hq // hkv):    # "kvarn" runs the Gluon kernel there: the Triton one too
+    from kvarn.kernels.decode_attention import GLUON_AUTO_DIMS, gluon_supported
+    # where "kvarn" (kernel="auto") runs the Gluon kernel, time the Triton one too
+    if gluon_supported(case.q, cfg, hq // hkv) and d in GLUON_AUTO_DIMS:
         fns["kvarn_triton"] = lambda i: paged_decode_attention(case.q[sl[i]], case.kv, case.records, case.bt[sl[i]],
                                                                case.lens[sl[i]], cfg, out=outs[i], kernel="triton")
     row = {"shape": label, "copies": copies, "replays": replays, "sdpa_backend": backend}
