@@ -64,8 +64,11 @@ def _flat_layout(shape, reg, lane):
 # Launch defaults per head_dim: (register cap, one-warp programs resident per SM).
 # D 128 (H100 sweep, benchmarks/NOTES.md attempt 26): 168 registers (193 uncapped at
 # Triton 3.6, sm_90a; no spill in the loop at 168) let 12 programs share an SM. D 64: 128
-# registers without a spill (sm_90a compile), 16 programs. D 256 (two 128-channel
-# accumulators): 255, 8 programs (232 spills 22 stores).
+# registers, 16 programs (offline sm_90a: 9 spill stores and loads per record at 3 query
+# heads, none at 144; the one H200 run, of a build with a wrong V offset but the same
+# instruction mix, timed 128 ahead of 96, 112 and 168). D 256 (two 128-channel
+# accumulators): 255, 8 programs (no spill in the loop at 232 or 255). D 64 and 256 are
+# not yet verified on a GPU (NOTES.md attempt 27).
 LAUNCH = {64: (128, 16), 128: (168, 12), 256: (255, 8)}
 MAXNREG, PROGRAMS_PER_SM = LAUNCH[128]
 
