@@ -70,7 +70,6 @@ def _flat_layout(shape, reg, lane):
 # accumulators): 255, 8 programs (no spill in the loop at 232 or 255). D 64 and 256 are
 # not yet verified on a GPU (NOTES.md attempt 27).
 LAUNCH = {64: (128, 16), 128: (168, 12), 256: (255, 8)}
-MAXNREG, PROGRAMS_PER_SM = LAUNCH[128]
 
 MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
 A_L = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
