@@ -357,7 +357,8 @@ def decode_variants(case: PagedCase) -> list:
         configs = [dict(kernel="gluon", num_splits=s) for s in (None, 1, 2, 3, 4, 6, 8, 12)]
         configs += [dict(kernel="gluon", prefetch=p, maxnreg=r) for p, r in (("l2x2", None), (None, None), ("l2", 0))]
         if case.d != 128:   # session 6: the register caps of the head_dim 64 / 256 ports
-            configs += [dict(kernel="gluon", maxnreg=r) for r in ((96, 112, 144, 168) if case.d == 64 else (168, 200, 232))]
+            caps = (96, 112, 144, 168) if case.d == 64 else (168, 200, 232)
+            configs += [dict(kernel="gluon", maxnreg=r) for r in caps]
     out = []
     for cfg in configs:
         kw = dict(num_warps=4, num_stages=2, num_splits=base, maxnreg=None, rec_deq=True)
