@@ -13,13 +13,12 @@ Also the relative error of both paged outputs against an fp32 computation on the
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 
 import torch
 
-from kernels import PRESET, bench, git_commit, source_sha256   # this folder is sys.path[0]
+from kernels import PRESET, bench, git_commit, kvarn_paged_cache, source_sha256   # this folder is sys.path[0]
 
 SHAPES = [  # (label, batch, prefix, new tokens)
     ("B1_P16K_T512", 1, 16384, 512),
@@ -34,38 +33,19 @@ HQ, HKV, D = 32, 8, 128
 class ExtendCase:
     def __init__(self, batch, prefix, t_new, cfg, seed=0):
         from kvarn.kernels.reference import num_record_blocks
-        from kvarn.kernels.store import store_tiles
         g = cfg.group_size
         gen = torch.Generator(device="cuda").manual_seed(seed)
         n = prefix + t_new
         nb = math.ceil(n / g)
         n_rec = num_record_blocks(prefix, g)
-        n_fp = nb - n_rec
         self.batch, self.t_new, self.cfg = batch, t_new, cfg
         chan = torch.randn(D, device="cuda", generator=gen)
         rnd = lambda *s: (torch.randn(*s, device="cuda", generator=gen) + chan).half()
         self.q = torch.randn(batch * t_new, HQ, D, device="cuda", generator=gen).half()
         self.lens = torch.full((batch,), n, dtype=torch.int32, device="cuda")
         self.cu = torch.arange(0, batch + 1, dtype=torch.int32, device="cuda") * t_new
-        # KVarN: fp16 blocks (sink + the new tokens' blocks) and records
-        self.kv = rnd(2, batch * n_fp, HKV, g, D)
-        self.records = torch.empty(max(batch * n_rec, 1), HKV, cfg.record_bytes, dtype=torch.uint8, device="cuda")
-        if n_rec:
-            n_distinct = min(batch * n_rec, 1024)
-            src = rnd(1, 2, n_distinct, HKV, g, D)
-            ids = torch.arange(n_distinct, dtype=torch.int32, device="cuda")
-            distinct = torch.empty(1, n_distinct, HKV, cfg.record_bytes, dtype=torch.uint8, device="cuda")
-            store_tiles(src, ids, distinct, ids, cfg)
-            reps = math.ceil(batch * n_rec / n_distinct)
-            self.records.copy_(distinct[0].repeat(reps, 1, 1)[:batch * n_rec])
-        bt = torch.zeros(batch, nb, dtype=torch.int32)
-        rp, fp = torch.randperm(batch * n_rec), torch.randperm(batch * n_fp)
-        for b in range(batch):
-            f = fp[b * n_fp:(b + 1) * n_fp]
-            bt[b, 0] = f[0]
-            bt[b, 1:1 + n_rec] = rp[b * n_rec:(b + 1) * n_rec]
-            bt[b, 1 + n_rec:] = f[1:]
-        self.bt = bt.cuda()
+        # KVarN: records for blocks 1 .. n_rec, fp16 for the sink and the new tokens' blocks
+        self.kv, self.records, self.bt = kvarn_paged_cache(batch, n_rec, nb - n_rec, HKV, D, cfg, rnd)
         # fp16 paged
         self.kv_full = rnd(2, batch * nb, HKV, g, D)
         self.bt_full = torch.randperm(batch * nb, dtype=torch.int32).reshape(batch, nb).cuda()
@@ -90,20 +70,12 @@ class ExtendCase:
                                               enable_gqa=True)
 
     def error(self, which):
-        """Relative error of sequence 0 vs fp32 attention on the K/V the kernel reads."""
-        from kvarn.kernels.reference import gather_context
-        if which == "kvarn":
-            k, v = gather_context(self.kv, self.records, self.bt[0], self.n, self.t_new, self.cfg)
-        else:
-            k, v = gather_context(self.kv_full, None, self.bt_full[0], self.n, self.t_new, None)
-        q = self.q[:self.t_new].float()                                   # [T, Hq, D]
-        kk = k.float().repeat_interleave(HQ // HKV, dim=1)                # [N, Hq, D]
-        vv = v.float().repeat_interleave(HQ // HKV, dim=1)
-        s = torch.einsum("thd,nhd->htn", q, kk) / math.sqrt(D)
-        pos = torch.arange(self.n, device=q.device)
-        qpos = self.n - self.t_new + torch.arange(self.t_new, device=q.device)
-        s = s.masked_fill(pos[None, None, :] > qpos[None, :, None], float("-inf"))
-        ref = torch.einsum("htn,nhd->thd", s.softmax(-1), vv)
+        """Relative error of sequence 0 vs ``ref_paged_attention`` in fp32 on the K/V the
+        kernel reads."""
+        from kvarn.kernels.reference import ref_paged_attention
+        kv, rec, bt, cfg = ((self.kv, self.records, self.bt, self.cfg) if which == "kvarn"
+                            else (self.kv_full, None, self.bt_full, None))
+        ref = ref_paged_attention(self.q[:self.t_new].float(), kv, rec, bt[:1], self.lens[:1], self.cu[:2], cfg)
         out = self.run(which)[:self.t_new].float()
         return float((out - ref).norm() / ref.norm())
 

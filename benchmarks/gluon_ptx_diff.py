@@ -35,19 +35,17 @@ def _ptx(m, qh: int) -> str:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
-    g = d = 128
-    ks = d * g // 2
-    kz, kt = ks + 2 * d, ks + 4 * d
-    vc = kt + 2 * g
-    vch = vc + g * d // 4
-    vs = vch + 2 * d
-    vz = vs + 2 * g
-    const = dict(QH=qh, G=g, AHEAD=1, OFF_KC=0, OFF_KS=ks, OFF_KZ=kz, OFF_KT=kt, OFF_VC=vc, OFF_VCH=vch,
-                 OFF_VS=vs, OFF_VZ=vz)
+    sys.path.insert(0, ROOT)
+    from kvarn.format import KVarNConfig
+    cfg = KVarNConfig.from_name("kvarn_k4v2_g128", 128)
+    o = cfg.offsets
+    const = dict(QH=qh, G=cfg.group_size, AHEAD=1, OFF_KC=o["k_codes"], OFF_KS=o["k_scale"],
+                 OFF_KZ=o["k_zero"], OFF_KT=o["k_tok"], OFF_VC=o["v_codes"], OFF_VCH=o["v_chan"],
+                 OFF_VS=o["v_scale"], OFF_VZ=o["v_zero"])
     fn = m.record_attention_kernel
     names = list(inspect.signature(fn.fn).parameters)
     if "D" in names:                       # the head_dim-generic kernel (session 6)
-        const.update(D=d, PF_ASM=m.prefetch_asm(vz + 2 * g))
+        const.update(D=cfg.head_dim, PF_ASM=m.prefetch_asm(cfg.record_bytes))
     ptrs = {"q_ptr": "*fp16", "rec_ptr": "*u8", "bt_ptr": "*i32", "ctx_ptr": "*i32", "po_ptr": "*fp32",
             "plse_ptr": "*fp32"}
     sig, constexprs = {}, {}

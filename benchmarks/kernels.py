@@ -100,16 +100,43 @@ def copy_bandwidth(nbytes=2 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3)
 
 
+def kvarn_paged_cache(batch, n_rec, n_fp, hkv, d, cfg, rand_kv, max_distinct=2048):
+    """A paged KVarN cache on the GPU: (kv_fp16 [2, batch * n_fp, Hkv, G, D], records
+    [batch * n_rec, Hkv, RB], block table [batch, n_fp + n_rec]). Row b: its sink block,
+    records 1 .. n_rec, then its other fp16 blocks; physical ids shuffled. Records are
+    real (store_tiles of random fp16 tiles: a pool of up to max_distinct distinct
+    records copied round-robin). rand_kv(*shape) draws the fp16 values."""
+    from kvarn.kernels.store import store_tiles
+    g = cfg.group_size
+    kv = rand_kv(2, batch * n_fp, hkv, g, d)
+    n_distinct = min(batch * n_rec, max_distinct)
+    records = torch.empty(max(batch * n_rec, 1), hkv, cfg.record_bytes, dtype=torch.uint8, device="cuda")
+    if n_rec:
+        src = rand_kv(1, 2, n_distinct, hkv, g, d)
+        distinct = torch.empty(1, n_distinct, hkv, cfg.record_bytes, dtype=torch.uint8, device="cuda")
+        ids = torch.arange(n_distinct, dtype=torch.int32, device="cuda")
+        store_tiles(src, ids, distinct, ids, cfg)
+        reps = math.ceil(batch * n_rec / n_distinct)
+        records.copy_(distinct[0].repeat(reps, 1, 1)[:batch * n_rec])
+    bt = torch.zeros(batch, n_fp + n_rec, dtype=torch.int32)
+    rec_perm = torch.randperm(batch * n_rec)
+    fp_perm = torch.randperm(batch * n_fp)
+    for b in range(batch):
+        fp = fp_perm[b * n_fp:(b + 1) * n_fp]
+        bt[b, 0] = fp[0]
+        bt[b, 1:1 + n_rec] = rec_perm[b * n_rec:(b + 1) * n_rec]
+        bt[b, 1 + n_rec:] = fp[1:]
+    return kv, records, bt.cuda()
+
+
 class PagedCase:
     """One decode shape: a KVarN cache, an fp16 paged cache and contiguous K/V for SDPA.
 
-    Records are real (store_tiles of random fp16 tiles: a pool of distinct records
-    copied round-robin); physical block ids are shuffled per sequence.
+    The KVarN cache is ``kvarn_paged_cache``'s (real records, shuffled block ids).
     """
 
     def __init__(self, batch, ctx, hq, hkv, d, cfg, want=("kvarn", "fp16", "sdpa"), seed=0):
         from kvarn.kernels.reference import num_record_blocks
-        from kvarn.kernels.store import store_tiles
         g = cfg.group_size
         gen = torch.Generator(device="cuda").manual_seed(seed)
         self.batch, self.ctx, self.hq, self.hkv, self.d, self.cfg = batch, ctx, hq, hkv, d, cfg
@@ -125,26 +152,7 @@ class PagedCase:
 
         self.kv = self.records = self.bt = self.kv_full = self.bt_full = None
         if "kvarn" in want:
-            self.kv = rand_kv(2, batch * self.n_fp, hkv, g, d)
-            n_distinct = min(batch * self.n_rec, 2048)
-            self.records = torch.empty(max(batch * self.n_rec, 1), hkv, cfg.record_bytes,
-                                       dtype=torch.uint8, device="cuda")
-            if self.n_rec:
-                src = rand_kv(1, 2, n_distinct, hkv, g, d)
-                distinct = torch.empty(1, n_distinct, hkv, cfg.record_bytes, dtype=torch.uint8, device="cuda")
-                ids = torch.arange(n_distinct, dtype=torch.int32, device="cuda")
-                store_tiles(src, ids, distinct, ids, cfg)
-                reps = math.ceil(batch * self.n_rec / n_distinct)
-                self.records.copy_(distinct[0].repeat(reps, 1, 1)[:batch * self.n_rec])
-            bt = torch.zeros(batch, nb, dtype=torch.int32)
-            rec_perm = torch.randperm(batch * self.n_rec)
-            fp_perm = torch.randperm(batch * self.n_fp)
-            for b in range(batch):
-                fp = fp_perm[b * self.n_fp:(b + 1) * self.n_fp]
-                bt[b, 0] = fp[0]
-                bt[b, 1:1 + self.n_rec] = rec_perm[b * self.n_rec:(b + 1) * self.n_rec]
-                bt[b, 1 + self.n_rec:] = fp[1:]
-            self.bt = bt.cuda()
+            self.kv, self.records, self.bt = kvarn_paged_cache(batch, self.n_rec, self.n_fp, hkv, d, cfg, rand_kv)
         if "fp16" in want:
             self.kv_full = rand_kv(2, batch * nb, hkv, g, d)
             self.bt_full = torch.randperm(batch * nb, dtype=torch.int32).reshape(batch, nb).cuda()

@@ -875,8 +875,7 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
         q, records, block_tables, context_lens, po, plse, scale * LOG2E,
         q.stride(0), q.stride(1), records.stride(0), records.stride(1), block_tables.stride(0),
         hkv, hq, num_splits, parts,
-        QH=qh, G=g, D=d, AHEAD=ahead,      # (AHEAD 0: no prefetch; the 16-byte one is never issued)
-        PF_ASM=decode_gluon.prefetch_asm(rec_bytes if rec_bytes % 16 == 0 else 16),
+        QH=qh, G=g, D=d, AHEAD=ahead, PF_ASM=decode_gluon.prefetch_asm(rec_bytes) if ahead else "",
         OFF_KC=o["k_codes"], OFF_KS=o["k_scale"], OFF_KZ=o["k_zero"], OFF_KT=o["k_tok"],
         OFF_VC=o["v_codes"], OFF_VCH=o["v_chan"], OFF_VS=o["v_scale"], OFF_VZ=o["v_zero"],
         num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
