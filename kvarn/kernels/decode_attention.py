@@ -75,10 +75,11 @@ Tiling (grid and work split):
 No host synchronisation and a grid that depends only on shapes and Python ints: the
 call can be captured in a CUDA graph.
 
-On CUDA, ``kernel="auto"`` hands the records of k4v2_g128 caches at D = 128 to a Gluon
-kernel (decode_gluon.py: codes unpacked straight into mma.sync fragments, one warp per
-program; H100 B64 N16K 0.38 ms vs 0.85 for this kernel) and runs this one over the sink
-and tail only (``SKIP_REC``), merging the partials (``_merge_parts_kernel``).
+On CUDA, ``kernel="auto"`` hands the records of k4v2_g128 caches (D = 64, 128, 256) to
+a Gluon kernel (decode_gluon.py: codes unpacked straight into mma.sync fragments, one
+warp per program; H100 B64 N16K 0.38 ms vs 0.85 for this kernel), the sink and tail
+blocks to ``_fp16_chunk_kernel`` (a program per chunk of keys), and merges the partials
+(``_merge_parts_kernel``).
 """
 from __future__ import annotations
 
@@ -405,10 +406,9 @@ def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, pls
                    qk_scale, magic,
                    stride_qb, stride_qh, stride_kv, stride_fb, stride_fh,
                    stride_rb, stride_rh, stride_bt, stride_ob, stride_oh,
-                   HKV, HQ, num_splits, part_stride, part_off,
+                   HKV, HQ, num_splits,
                    QH: tl.constexpr, BLOCK_H: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
                    REC_SUB: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, IS_KVARN: tl.constexpr,
-                   SKIP_REC: tl.constexpr,
                    REC_DEQ: tl.constexpr, REC_JOINT: tl.constexpr, PREFETCH: tl.constexpr,
                    K_BITS: tl.constexpr, V_BITS: tl.constexpr,
                    OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KZ: tl.constexpr,
@@ -454,7 +454,7 @@ def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, pls
     acc, m, l = _fp16_blocks(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb,      # the sink
                              start * SUB, tl.minimum(tl.minimum(end, 1) * SUB, last_sub),
                              row_pos, n_ctx, G, BLOCK_N, D, V_PERM)
-    if IS_KVARN and not SKIP_REC:     # SKIP_REC: another kernel takes the records (decode_gluon.py)
+    if IS_KVARN:
         rec_head = rec_ptr + kvh.to(tl.int64) * stride_rh
         if REC_JOINT:
             lt = tl.zeros([REC_SUB, BLOCK_H], tl.float32)
@@ -502,57 +502,142 @@ def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, pls
         tl.store(out_ptr + b * stride_ob + head[None, :] * stride_oh + v_chan[:, None],
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[None, :])
     else:
-        part = (b * HQ + head) * part_stride + part_off + split
+        part = (b * HQ + head) * num_splits + split
         live = row_ok & (start < end)
         tl.store(po_ptr + part[None, :] * D + v_chan[:, None], o, mask=live[None, :])
         tl.store(plse_ptr + part, m + tl.log2(l_safe), mask=live)
 
 
 @triton.jit
+def _merge_tile(po_ptr, plse_ptr, out_ptr, base, n_ok,
+                D: tl.constexpr, PARTS_P2: tl.constexpr, DCH: tl.constexpr):
+    """Channels [DCH * program_id(2), + DCH) of sum_s 2^(lse_s - mx) o_s / sum_s
+    2^(lse_s - mx) over the partials s < n_ok at row base of po / plse, stored at out_ptr.
+    A partial with lse -inf (a split with no key) adds nothing and its o is not read.
+
+    Every partial's load is in flight at once; the channel slice keeps the tile at
+    PARTS_P2 x DCH values (a [256, 128] fp32 tile in one 4-warp program, 256 values per
+    thread, spilled: 3.9 us at 129 partials on the H100, NOTES.md attempt 28)."""
+    s = tl.arange(0, PARTS_P2)
+    ok = s < n_ok
+    lse = tl.load(plse_ptr + base + s, mask=ok, other=float("-inf"))
+    mx = tl.max(lse, axis=0)
+    mx = tl.where(mx > float("-inf"), mx, 0.0)
+    live = ok & (lse > float("-inf"))
+    w = tl.where(live, tl.exp2(lse - mx), 0.0)
+    offs_d = tl.program_id(2) * DCH + tl.arange(0, DCH)
+    o = tl.load(po_ptr + (base + s)[:, None].to(tl.int64) * D + offs_d[None, :], mask=live[:, None], other=0.0)
+    den = tl.sum(w, axis=0)
+    res = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
+    tl.store(out_ptr + offs_d, res.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _merge_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, HQ, num_splits,
-                  G: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr):
-    """out[b, h] = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) over the splits that ran."""
+                  G: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr, DCH: tl.constexpr):
+    """out[b, h] from the splits of ``_decode_kernel`` that ran (a split past the end of
+    the sequence wrote nothing); grid (B, Hq, D / DCH)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     n_ctx = tl.load(ctx_ptr + b)
     n_blocks = tl.cdiv(n_ctx, G)
     bps = tl.maximum(tl.cdiv(n_blocks, num_splits), 1)
     n_used = tl.cdiv(n_blocks, bps)
-    s = tl.arange(0, SPLITS_P2)
-    offs_d = tl.arange(0, D)
-    ok = s < n_used
-    part = (b * HQ + h) * num_splits + s
-    lse = tl.load(plse_ptr + part, mask=ok, other=float("-inf"))
-    mx = tl.max(lse, axis=0)
-    mx = tl.where(n_used > 0, mx, 0.0)
-    w = tl.where(ok, tl.exp2(lse - mx), 0.0)
-    o = tl.load(po_ptr + part[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-    den = tl.sum(w, axis=0)
-    res = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
+    _merge_tile(po_ptr, plse_ptr, out_ptr + b * stride_ob + h * stride_oh, (b * HQ + h) * num_splits,
+                n_used, D, SPLITS_P2, DCH)
 
 
 @triton.jit
-def _merge_parts_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, HQ, num_parts,
-                        D: tl.constexpr, PARTS_P2: tl.constexpr):
-    """``_merge_kernel`` for the split Gluon path: parts 0 .. num_parts-2 are the record
-    splits (lse -inf where a split had no record), part num_parts-1 the fp16 blocks
-    (written iff the sequence has a token)."""
+def _merge_parts_kernel(po_ptr, plse_ptr, out_ptr, stride_ob, stride_oh, HQ, num_parts,
+                        D: tl.constexpr, PARTS_P2: tl.constexpr, DCH: tl.constexpr):
+    """``_merge_kernel`` for the Gluon path, whose partials are all written (lse -inf
+    where one had no key): the record splits, then the fp16 chunks; grid (B, Hq, D / DCH)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
+    _merge_tile(po_ptr, plse_ptr, out_ptr + b * stride_ob + h * stride_oh, (b * HQ + h) * num_parts,
+                num_parts, D, PARTS_P2, DCH)
+
+
+def merge_dch(parts_p2: int, d: int) -> int:
+    """Channels per merge program: a [parts_p2, DCH] tile of at most 2,048 fp32 (16 a
+    thread at 4 warps), at least 16 channels."""
+    return max(16, min(d, 2048 // parts_p2))
+
+
+@triton.jit
+def _fp16_chunk_kernel(q_ptr, kv_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, qk_scale,
+                       stride_qb, stride_qh, stride_kv, stride_fb, stride_fh, stride_bt,
+                       HKV, HQ, num_parts, part0,
+                       QH: tl.constexpr, BLOCK_H: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
+                       D: tl.constexpr):
+    """The fp16 blocks of a KVarN sequence (the sink, block 0, and the tail, block
+    n_rec + 1, if any) in BLOCK_N-key chunks, one program each: grid (B * Hkv, 2 G /
+    BLOCK_N); chunk c < G / BLOCK_N is sink sub-tile c, the others tail sub-tiles. Each
+    writes the partial (o, lse) of its QH query heads at part0 + c of po / plse (lse -inf
+    where the chunk holds no key). Chunks rather than one program for both blocks: at B1
+    one program's chain of sub-tile loads was 9.9 us of the 31 us (H100, NOTES.md attempt 29)."""
+    pid = tl.program_id(0)
+    c = tl.program_id(1)
+    b = pid // HKV
+    kvh = pid % HKV
     n_ctx = tl.load(ctx_ptr + b)
-    s = tl.arange(0, PARTS_P2)
+    n_rec = tl.maximum((n_ctx - 1) // G - 1, 0)
+    SUB: tl.constexpr = G // BLOCK_N
+    last_sub = tl.cdiv(n_ctx, BLOCK_N)
+    j0 = tl.where(c < SUB, c, (n_rec + 1) * SUB + c - SUB)
+    j1 = tl.minimum(j0 + 1, last_sub)
+    rows = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, D)
-    ok = (s < num_parts - 1) | ((s == num_parts - 1) & (n_ctx > 0))
-    part = (b * HQ + h) * num_parts + s
-    lse = tl.load(plse_ptr + part, mask=ok, other=float("-inf"))
-    mx = tl.max(lse, axis=0)
-    mx = tl.where(mx > float("-inf"), mx, 0.0)
-    w = tl.where(ok, tl.exp2(lse - mx), 0.0)
-    o = tl.load(po_ptr + part[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-    den = tl.sum(w, axis=0)
-    res = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
+    row_ok = rows < QH
+    head = kvh * QH + rows
+    q = tl.load(q_ptr + b * stride_qb + head[None, :] * stride_qh + offs_d[:, None],
+                mask=row_ok[None, :], other=0.0)                              # [D, BLOCK_H]
+    q16 = (q.to(tl.float32) * qk_scale).to(q.dtype)
+    row_pos = tl.zeros([BLOCK_H], tl.int32) + (n_ctx - 1)
+    m = tl.full([BLOCK_H], -1.0e30, tl.float32)
+    l = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([D, BLOCK_H], tl.float32)
+    acc, m, l = _fp16_blocks(acc, m, l, q16, bt_ptr + b.to(tl.int64) * stride_bt,
+                             kv_ptr + kvh.to(tl.int64) * stride_fh, stride_kv, stride_fb,
+                             j0, j1, row_pos, n_ctx, G, BLOCK_N, D, 0)
+    live = j0 < j1
+    l_safe = tl.where(l > 0, l, 1.0)
+    part = (b * HQ + head) * num_parts + part0 + c
+    tl.store(po_ptr + part[None, :].to(tl.int64) * D + offs_d[:, None], acc / l_safe[None, :],
+             mask=row_ok[None, :] & live)
+    tl.store(plse_ptr + part, tl.where(live, m + tl.log2(l_safe), float("-inf")), mask=row_ok)
+
+
+def fp16_chunk_n(bsz: int, hkv: int, g: int, d: int, sms: int) -> int:
+    """Keys per ``_fp16_chunk_kernel`` program: 32 where the batch's sequences x KV
+    heads leave most SMs idle (B1: 8 chunks per sequence and head, 64 programs), else
+    the fp16 path's sub-tile (``fp16_block_n``), so large batches write few partials."""
+    return min(32, fp16_block_n(g, d)) if bsz * hkv * 4 <= sms else fp16_block_n(g, d)
+
+
+def fp16_partials(q, kv_fp16, block_tables, context_lens, po, plse, scale, part0, block_n):
+    """Launches ``_fp16_chunk_kernel``: the sink and tail partials at part0 .. part0 +
+    2 G / block_n - 1 of po [B, Hq, parts, D] / plse [B, Hq, parts]."""
+    bsz, hq, d = q.shape
+    hkv, g = kv_fp16.shape[2], kv_fp16.shape[3]
+    qh = hq // hkv
+    _fp16_chunk_kernel[(bsz * hkv, 2 * (g // block_n))](
+        q, kv_fp16, block_tables, context_lens, po, plse, scale * LOG2E,
+        q.stride(0), q.stride(1), kv_fp16.stride(0), kv_fp16.stride(1), kv_fp16.stride(2), block_tables.stride(0),
+        hkv, hq, po.shape[2], part0,
+        QH=qh, BLOCK_H=max(16, triton.next_power_of_2(qh)), G=g, BLOCK_N=block_n, D=d,
+        num_warps=4 if d <= 128 else 8, num_stages=2)
+
+
+def merge_partials(po, plse, out):
+    """out [B, Hq, D] = the lse-weighted merge of every partial of po / plse (those with
+    lse -inf skipped), ``_merge_parts_kernel``."""
+    bsz, hq, parts, d = po.shape
+    p2 = triton.next_power_of_2(parts)
+    dch = merge_dch(p2, d)
+    _merge_parts_kernel[(bsz, hq, d // dch)](po, plse, out, out.stride(0), out.stride(1), hq, parts,
+                                             D=d, PARTS_P2=p2, DCH=dch, num_warps=4)
+    return out
 
 
 _SM_COUNT: dict = {}
@@ -785,26 +870,29 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
         scale * LOG2E, FP16_MAGIC,
         q.stride(0), q.stride(1), kv_fp16.stride(0), kv_fp16.stride(1), kv_fp16.stride(2),
         srb, srh, block_tables.stride(0), out.stride(0), out.stride(1),
-        hkv, hq, num_splits, num_splits, 0,
+        hkv, hq, num_splits,
         QH=qh, BLOCK_H=block_h, G=g, BLOCK_N=fp16_block_n(g, d), REC_SUB=rec_sub, D=d, REC_DEQ=bool(rec_deq),
         REC_JOINT=rec_joint, PREFETCH=prefetch_mode,
-        SPLIT=num_splits > 1, SKIP_REC=False,
+        SPLIT=num_splits > 1,
         **record_constexprs(cfg),
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if num_splits > 1:
-        _merge_kernel[(bsz, hq)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq, num_splits,
-                                 G=g, D=d, SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4)
+        p2 = triton.next_power_of_2(num_splits)
+        dch = merge_dch(p2, d)
+        _merge_kernel[(bsz, hq, d // dch)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq,
+                                           num_splits, G=g, D=d, SPLITS_P2=p2, DCH=dch, num_warps=4)
     return out
 
 
 # kernel="auto" takes the Gluon record kernel from this many records per call (the
 # batch's sequences x KV heads x record blocks its block table can hold)
 GLUON_MIN_RECORDS = 1024
-# head dims kernel="auto" gives the Gluon kernel. D 64 and 256 (session 6) run with
-# kernel="gluon" but have not yet passed on a GPU (NOTES.md attempt 27), so auto keeps
-# them on the Triton kernel; KVARN_GLUON_DIMS="64,128,256" overrides, for benchmarks.
-GLUON_AUTO_DIMS = tuple(int(x) for x in os.environ.get("KVARN_GLUON_DIMS", "128").split(",") if x.strip())
+# head dims kernel="auto" gives the Gluon kernel (all three since session 7: H100 D64 B64
+# N16K 0.101 vs 0.171 ms for the Triton kernel, D256 B16 N16K 0.167 vs 0.240; NOTES.md
+# attempt 27); KVARN_GLUON_DIMS="128" (say) keeps the others on the Triton kernel.
+GLUON_AUTO_DIMS = tuple(int(x) for x in os.environ.get("KVARN_GLUON_DIMS", "64,128,256").split(",")
+                        if x.strip())
 
 
 @functools.lru_cache(maxsize=1)
@@ -841,13 +929,14 @@ def _gluon_splits(programs: int, max_blocks: int, sms: int, programs_per_sm: int
 def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, num_splits, out,
                   prefetch="auto", maxnreg=None):
     """Records by the Gluon kernel (num_splits programs of one warp per sequence and KV
-    head, one partial each), the sink and tail blocks by ``_decode_kernel`` with records
-    skipped (one more partial), then ``_merge_parts_kernel``.
+    head, one partial each), the sink and tail blocks by ``_fp16_chunk_kernel`` (one
+    partial per chunk of keys), then ``_merge_parts_kernel``.
 
-    prefetch: "auto" / "l2" (the next record into L2 by a bulk prefetch), "l2x2" (two
-    records ahead), None; maxnreg: a register cap for the Gluon kernel (None: none)."""
-    aheads = {"auto": 1, "l2": 1, "l2x2": 2, None: 0}
-    if prefetch not in aheads:
+    prefetch: "l2" (the next record into L2 by a bulk prefetch), "l2x2" (two records
+    ahead), None, or "auto" (decode_gluon.LAUNCH's per-head_dim choice); maxnreg: a
+    register cap for the Gluon kernel (None: LAUNCH's)."""
+    aheads = {"l2": 1, "l2x2": 2, None: 0}
+    if prefetch != "auto" and prefetch not in aheads:
         raise ValueError(f"kernel='gluon' takes prefetch 'auto', 'l2', 'l2x2' or None, got {prefetch!r}")
     bsz, hq, d = q.shape
     hkv, g = kv_fp16.shape[2], kv_fp16.shape[3]
@@ -856,7 +945,7 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
         raise ValueError(f"kernel='gluon' covers CUDA, k4v2 G=128, head_dim 64/128/256, <= 8 query heads "
                          f"per KV head; got {q.device.type}, {None if cfg is None else cfg.name}, D={d}, {qh}")
     from kvarn.kernels import decode_gluon
-    maxnreg0, per_sm = decode_gluon.LAUNCH[d]
+    maxnreg0, per_sm, ahead0 = decode_gluon.LAUNCH[d]
     if num_splits is None:
         num_splits = _gluon_splits(max(bsz * hkv, 1), block_tables.shape[1], _sm_count(q.device), per_sm)
     num_splits = max(1, int(num_splits))
@@ -864,10 +953,11 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
         maxnreg = maxnreg0
     # the bulk prefetch wants 16-byte aligned records of a multiple of 16 bytes
     rec_bytes = cfg.record_bytes
-    ahead = aheads[prefetch]
+    ahead = ahead0 if prefetch == "auto" else aheads[prefetch]
     if rec_bytes % 16 or records.stride(0) % 16 or records.stride(1) % 16 or records.data_ptr() % 16:
         ahead = 0
-    parts = num_splits + 1
+    block_n = fp16_chunk_n(bsz, hkv, g, d, _sm_count(q.device))
+    parts = num_splits + 2 * (g // block_n)     # the record splits, then the fp16 chunks
     po = torch.empty(bsz, hq, parts, d, dtype=torch.float32, device=q.device)
     plse = torch.empty(bsz, hq, parts, dtype=torch.float32, device=q.device)
     o = cfg.offsets
@@ -879,16 +969,6 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
         OFF_KC=o["k_codes"], OFF_KS=o["k_scale"], OFF_KZ=o["k_zero"], OFF_KT=o["k_tok"],
         OFF_VC=o["v_codes"], OFF_VCH=o["v_chan"], OFF_VS=o["v_scale"], OFF_VZ=o["v_zero"],
         num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
-    warps0, _, rec_sub0, _ = default_launch(cfg, g, d)
-    _decode_kernel[(bsz * hkv, 1)](
-        q, kv_fp16, records, block_tables, context_lens, out, po, plse,
-        scale * LOG2E, FP16_MAGIC,
-        q.stride(0), q.stride(1), kv_fp16.stride(0), kv_fp16.stride(1), kv_fp16.stride(2),
-        records.stride(0), records.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
-        hkv, hq, 1, parts, num_splits,
-        QH=qh, BLOCK_H=max(16, triton.next_power_of_2(qh)), G=g, BLOCK_N=fp16_block_n(g, d), REC_SUB=rec_sub0,
-        D=d, REC_DEQ=True, REC_JOINT=False, PREFETCH=0, SPLIT=True, SKIP_REC=True,
-        **record_constexprs(cfg), num_warps=warps0, num_stages=2)
-    _merge_parts_kernel[(bsz, hq)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq, parts,
-                                   D=d, PARTS_P2=triton.next_power_of_2(parts), num_warps=4)
+    fp16_partials(q, kv_fp16, block_tables, context_lens, po, plse, scale, num_splits, block_n)
+    merge_partials(po, plse, out)
     return out

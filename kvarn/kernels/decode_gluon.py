@@ -23,10 +23,7 @@ Orientation (one record, G = 128 tokens, D = 128 channels, up to 8 query heads a
     register. Row c of o^T is channel 16 (c % 8) + c // 8 (a lane's 16 channels are one
     V word per token).
 
-Other head dims (session 6; at D 128 the record loop compiles to the same PTX as
-session 5's D-128-only kernel, which passed on the H100; D 64 and D 256 have not yet run
-on a GPU with the chunk-offset fix, so ``kernel="auto"`` does not take them, NOTES.md
-attempt 27): K takes D / 16 channel chunks. At D 256, o^T runs twice, over channels
+Other head dims (session 6, verified on the H100 in session 7, NOTES.md attempt 27): K takes D / 16 channel chunks. At D 256, o^T runs twice, over channels
 0..127 and 128..255 (the V words 0..7 and 8..15 of each token), into two accumulators. At
 D 64, o^T is [64 c, 8 h] with row c channel 8 (c % 8) + c // 8: a lane's 8 channels are
 one V half-word per token, loaded as int16 and unpacked by the first half of V_ASM.
@@ -36,8 +33,9 @@ Scales are folded (as ``_record_tile``): codes enter centered (c - 8, c - 2); ks
 vs into p, vz' = vz + 2 vs as the per-head sum_t p vz', vch on the output rows.
 
 The kernel covers the records of a (sequence, KV head, split) and writes a partial
-(o, lse) like the Triton kernel's splits; the fp16 sink and tail blocks go to the Triton
-kernel (records skipped) as one more partial, and a merge combines them.
+(o, lse) like the Triton kernel's splits (lse -inf where a split holds no record); the
+fp16 sink and tail blocks go to a Triton kernel in chunks of keys, one partial each
+(``decode_attention._fp16_chunk_kernel``), and a merge combines them.
 """
 from __future__ import annotations
 
@@ -61,15 +59,16 @@ def _flat_layout(shape, reg, lane):
                                       warp_bases=[], block_bases=[], shape=[n])
 
 
-# Launch defaults per head_dim: (register cap, one-warp programs resident per SM).
-# D 128 (H100 sweep, benchmarks/NOTES.md attempt 26): 168 registers (193 uncapped at
-# Triton 3.6, sm_90a; no spill in the loop at 168) let 12 programs share an SM. D 64: 128
-# registers, 16 programs (offline sm_90a: 9 spill stores and loads per record at 3 query
-# heads, none at 144; the one H200 run, of a build with a wrong V offset but the same
-# instruction mix, timed 128 ahead of 96, 112 and 168). D 256 (two 128-channel
-# accumulators): 255, 8 programs (no spill in the loop at 232 or 255). D 64 and 256 are
-# not yet verified on a GPU (NOTES.md attempt 27).
-LAUNCH = {64: (128, 16), 128: (168, 12), 256: (255, 8)}
+# Launch defaults per head_dim: (register cap, one-warp programs resident per SM, records
+# prefetched ahead into L2 by prefetch="auto"). H100 sweeps (benchmarks/NOTES.md
+# attempts 26, 29). D 128: 168 registers (193 uncapped at Triton 3.6, sm_90a; no spill in
+# the loop at 168) let 12 programs share an SM; one record ahead. D 64 (B64 N16K): 128
+# registers, 16 programs, 0.101 ms (96: 0.108, 112: 0.103, 144: 0.114, 168: 0.114; at 128
+# the offline sm_90a loop spills 9 stores per record at 3 query heads, none at 144, and
+# still wins); one record ahead (none: 0.108). D 256 (two 128-channel accumulators, B16
+# N16K): 255 registers, 8 programs (232: 0.174 ms, 200: 0.182, 168: 0.193 with the
+# prefetch); no prefetch, 0.154 ms against 0.166 with one record ahead.
+LAUNCH = {64: (128, 16, 1), 128: (168, 12, 1), 256: (255, 8, 0)}
 
 MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
 A_L = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
