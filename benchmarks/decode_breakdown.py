@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from kernels import PRESET, SHAPES, PagedCase, git_commit, graph_latency, source_sha256   # this folder is sys.path[0]
+from kernels import PRESET, SHAPES, PagedCase, git_commit, gluon_auto_dims, graph_latency, source_sha256   # this folder is sys.path[0]
 
 
 def breakdown(label: str, kernel: str, calls: int = 20) -> dict:
@@ -59,7 +59,7 @@ def main():
     import triton
     rows = []
     for label in args.shapes:
-        for kernel in ("auto", "triton"):
+        for kernel in ("auto", "triton", "gluon"):
             r = breakdown(label, kernel)
             rows.append(r)
             print(f"{label:14s} {kernel:6s} wall {r['wall_ms_per_call']:.4f} ms, kernels {r['sum_kernels_ms']:.4f}: "
@@ -70,10 +70,12 @@ def main():
         graph.append(r)
         print(f"graph {label:14s}: kvarn {r['kvarn']['ms_median']:.4f} sdpa {r['sdpa']['ms_median']:.4f} ms "
               f"(kvarn/sdpa {r['kvarn_over_sdpa']:.2f})"
-              + (f", triton kernel {r['kvarn_triton']['ms_median']:.4f}" if "kvarn_triton" in r else ""), flush=True)
+              + "".join(f", {k[6:]} kernel {r[k]['ms_median']:.4f}" for k in ("kvarn_triton", "kvarn_gluon") if k in r),
+              flush=True)
     props = torch.cuda.get_device_properties(0)
     json.dump({"command": " ".join(["python"] + sys.argv), "git_commit": git_commit(),
-               "source_sha256": source_sha256(), "device": {"name": props.name, "sms": props.multi_processor_count},
+               "source_sha256": source_sha256(), "gluon_auto_dims": gluon_auto_dims(),
+               "device": {"name": props.name, "sms": props.multi_processor_count},
                "versions": {"torch": torch.__version__, "triton": triton.__version__,
                             "python": platform.python_version(), "cuda": torch.version.cuda},
                "rows": rows, "graph_latency": graph}, open(args.out, "w"), indent=1)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -84,6 +85,12 @@ def source_sha256() -> str:
         with open(os.path.join(root, rel), "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:16]
+
+
+def gluon_auto_dims() -> list:
+    """The head dims kernel="auto" sends to the Gluon kernel in this run (KVARN_GLUON_DIMS)."""
+    from kvarn.kernels.decode_attention import GLUON_AUTO_DIMS
+    return list(GLUON_AUTO_DIMS)
 
 
 def bench(fn, warmup=25, rep=200) -> float:
@@ -283,11 +290,14 @@ def graph_latency(label, copies: int = 16, replays: int = 50) -> dict:
                                                  case.lens[sl[i]], None, out=outs[i]),
         "sdpa": sdpa,
     }
-    from kvarn.kernels.decode_attention import GLUON_AUTO_DIMS, gluon_supported
-    # where "kvarn" (kernel="auto") runs the Gluon kernel, time the Triton one too
-    if gluon_supported(case.q, cfg, hq // hkv) and d in GLUON_AUTO_DIMS:
-        fns["kvarn_triton"] = lambda i: paged_decode_attention(case.q[sl[i]], case.kv, case.records, case.bt[sl[i]],
-                                                               case.lens[sl[i]], cfg, out=outs[i], kernel="triton")
+    from kvarn.kernels.decode_attention import gluon_supported
+    # where the Gluon kernel applies, time both kernels ("kvarn", kernel="auto", is one of
+    # them: GLUON_AUTO_DIMS and GLUON_MIN_RECORDS decide which)
+    if gluon_supported(case.q, cfg, hq // hkv):
+        for kern in ("triton", "gluon"):
+            fns["kvarn_" + kern] = functools.partial(
+                lambda i, kern: paged_decode_attention(case.q[sl[i]], case.kv, case.records, case.bt[sl[i]],
+                                                       case.lens[sl[i]], cfg, out=outs[i], kernel=kern), kern=kern)
     row = {"shape": label, "copies": copies, "replays": replays, "sdpa_backend": backend}
     for name, fn in fns.items():
         ctx = sdpa_kernel(SDPBackend.FLASH_ATTENTION) if (name == "sdpa" and backend == "flash") \
@@ -635,6 +645,7 @@ def main():
                      "cuda": torch.version.cuda},
         "timing": "triton.testing.do_bench median (L2 flushed before each call)",
         "kvarn_preset": PRESET,
+        "gluon_auto_dims": gluon_auto_dims(),
     }
     res["copy_bw_Bps"] = copy_bandwidth()
     log(f"copy bandwidth {res['copy_bw_Bps'] / 1e12:.3f} TB/s (read + write)")
@@ -645,7 +656,8 @@ def main():
             r = graph_latency(label, copies=8 if "128K" in label else 16)
             res["graph_latency"].append(r)
             log(f"graph {label:12s} kvarn {r['kvarn']['ms_median']:.4f} fp16 {r['fp16']['ms_median']:.4f} "
-                f"sdpa {r['sdpa']['ms_median']:.4f} ms per call (kvarn/sdpa {r['kvarn_over_sdpa']:.2f})")
+                f"sdpa {r['sdpa']['ms_median']:.4f} ms per call (kvarn/sdpa {r['kvarn_over_sdpa']:.2f})"
+                + "".join(f", {k[6:]} kernel {r[k]['ms_median']:.4f}" for k in ("kvarn_triton", "kvarn_gluon") if k in r))
     if not args.no_store:
         res["store"] = store_rows(args, log)
     json.dump(res, open(args.out, "w"), indent=1)
