@@ -17,7 +17,7 @@ import torch
 from kernels import PRESET, SHAPES, PagedCase, git_commit, gluon_auto_dims, graph_latency, source_sha256   # this folder is sys.path[0]
 
 
-def breakdown(label: str, kernel: str, calls: int = 20) -> dict:
+def breakdown(label: str, kernel: str, calls: int = 20, num_splits: int | None = None) -> dict:
     from torch.profiler import ProfilerActivity, profile
     from kvarn.format import KVarNConfig
     from kvarn.kernels.decode_attention import paged_decode_attention
@@ -26,7 +26,7 @@ def breakdown(label: str, kernel: str, calls: int = 20) -> dict:
     case = PagedCase(b, n, hq, hkv, d, cfg, want=("kvarn",))
     out = torch.empty_like(case.q)
     fn = lambda: paged_decode_attention(case.q, case.kv, case.records, case.bt, case.lens, cfg, out=out,
-                                        kernel=kernel)
+                                        kernel=kernel, num_splits=num_splits)
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
@@ -46,7 +46,7 @@ def breakdown(label: str, kernel: str, calls: int = 20) -> dict:
     e1.synchronize()
     del case
     torch.cuda.empty_cache()
-    return {"shape": label, "kernel": kernel, "kernels_ms_per_call": per,
+    return {"shape": label, "kernel": kernel, "num_splits": num_splits, "kernels_ms_per_call": per,
             "sum_kernels_ms": sum(per.values()), "wall_ms_per_call": e0.elapsed_time(e1) / calls}
 
 
@@ -54,15 +54,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="*", default=["B1_N4K", "B1_N32K", "B1_N128K", "D64_B1_N32K"])
     ap.add_argument("--out", default="breakdown.json")
+    ap.add_argument("--gluon-splits", type=int, nargs="*", default=[],
+                    help="also profile kernel='gluon' at these split counts (default: the split rule's)")
     args = ap.parse_args()
     import platform
     import triton
     rows = []
     for label in args.shapes:
-        for kernel in ("auto", "triton", "gluon"):
-            r = breakdown(label, kernel)
+        for kernel, splits in [("auto", None), ("triton", None), ("gluon", None)] + [("gluon", s) for s in args.gluon_splits]:
+            r = breakdown(label, kernel, num_splits=splits)
             rows.append(r)
-            print(f"{label:14s} {kernel:6s} wall {r['wall_ms_per_call']:.4f} ms, kernels {r['sum_kernels_ms']:.4f}: "
+            print(f"{label:14s} {kernel:6s} splits {splits or 'default':>7} wall {r['wall_ms_per_call']:.4f} ms, kernels {r['sum_kernels_ms']:.4f}: "
                   + ", ".join(f"{k[:40]} {v:.4f}" for k, v in r["kernels_ms_per_call"].items()), flush=True)
     graph = []
     for label in args.shapes:
