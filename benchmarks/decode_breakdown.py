@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from kernels import PRESET, SHAPES, PagedCase, git_commit, gluon_auto_dims, graph_latency, source_sha256   # this folder is sys.path[0]
+from kernels import PRESET, SHAPES, PagedCase, git_commit, gluon_settings, graph_latency, source_sha256   # this folder is sys.path[0]
 
 
 def breakdown(label: str, kernel: str, calls: int = 20, num_splits: int | None = None) -> dict:
@@ -76,7 +76,7 @@ def main():
               flush=True)
     props = torch.cuda.get_device_properties(0)
     json.dump({"command": " ".join(["python"] + sys.argv), "git_commit": git_commit(),
-               "source_sha256": source_sha256(), "gluon_auto_dims": gluon_auto_dims(),
+               "source_sha256": source_sha256(), "gluon": gluon_settings(),
                "device": {"name": props.name, "sms": props.multi_processor_count},
                "versions": {"torch": torch.__version__, "triton": triton.__version__,
                             "python": platform.python_version(), "cuda": torch.version.cuda},

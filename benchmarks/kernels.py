@@ -87,10 +87,11 @@ def source_sha256() -> str:
     return h.hexdigest()[:16]
 
 
-def gluon_auto_dims() -> list:
-    """The head dims kernel="auto" sends to the Gluon kernel in this run (KVARN_GLUON_DIMS)."""
-    from kvarn.kernels.decode_attention import GLUON_AUTO_DIMS
-    return list(GLUON_AUTO_DIMS)
+def gluon_settings() -> dict:
+    """The Gluon path's switches in this run: the head dims kernel="auto" sends to it
+    (KVARN_GLUON_DIMS) and whether the fp16 blocks go in chunks (KVARN_GLUON_FP16_CHUNKS)."""
+    from kvarn.kernels.decode_attention import GLUON_AUTO_DIMS, GLUON_FP16_CHUNKS
+    return {"auto_dims": list(GLUON_AUTO_DIMS), "fp16_chunks": GLUON_FP16_CHUNKS}
 
 
 def bench(fn, warmup=25, rep=200) -> float:
@@ -645,7 +646,7 @@ def main():
                      "cuda": torch.version.cuda},
         "timing": "triton.testing.do_bench median (L2 flushed before each call)",
         "kvarn_preset": PRESET,
-        "gluon_auto_dims": gluon_auto_dims(),
+        "gluon": gluon_settings(),
     }
     res["copy_bw_Bps"] = copy_bandwidth()
     log(f"copy bandwidth {res['copy_bw_Bps'] / 1e12:.3f} TB/s (read + write)")

@@ -77,9 +77,10 @@ call can be captured in a CUDA graph.
 
 On CUDA, ``kernel="auto"`` hands the records of k4v2_g128 caches (D = 64, 128, 256) to
 a Gluon kernel (decode_gluon.py: codes unpacked straight into mma.sync fragments, one
-warp per program; H100 B64 N16K 0.38 ms vs 0.85 for this kernel), the sink and tail
-blocks to ``_fp16_chunk_kernel`` (a program per chunk of keys), and merges the partials
-(``_merge_parts_kernel``).
+warp per program; H100 B64 N16K 0.38 ms vs 0.85 for this kernel), runs this one over the
+sink and tail only (``SKIP_REC``) and merges the partials (``_merge_parts_kernel``); or,
+with ``GLUON_FP16_CHUNKS``, the sink and tail in chunks of keys (``_fp16_chunk_kernel``)
+merged over channel slices (``_merge_chunks_kernel``).
 """
 from __future__ import annotations
 
@@ -406,9 +407,10 @@ def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, pls
                    qk_scale, magic,
                    stride_qb, stride_qh, stride_kv, stride_fb, stride_fh,
                    stride_rb, stride_rh, stride_bt, stride_ob, stride_oh,
-                   HKV, HQ, num_splits,
+                   HKV, HQ, num_splits, part_stride, part_off,
                    QH: tl.constexpr, BLOCK_H: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
                    REC_SUB: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, IS_KVARN: tl.constexpr,
+                   SKIP_REC: tl.constexpr,
                    REC_DEQ: tl.constexpr, REC_JOINT: tl.constexpr, PREFETCH: tl.constexpr,
                    K_BITS: tl.constexpr, V_BITS: tl.constexpr,
                    OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KZ: tl.constexpr,
@@ -454,7 +456,7 @@ def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, pls
     acc, m, l = _fp16_blocks(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb,      # the sink
                              start * SUB, tl.minimum(tl.minimum(end, 1) * SUB, last_sub),
                              row_pos, n_ctx, G, BLOCK_N, D, V_PERM)
-    if IS_KVARN:
+    if IS_KVARN and not SKIP_REC:     # SKIP_REC: another kernel takes the records (decode_gluon.py)
         rec_head = rec_ptr + kvh.to(tl.int64) * stride_rh
         if REC_JOINT:
             lt = tl.zeros([REC_SUB, BLOCK_H], tl.float32)
@@ -502,10 +504,57 @@ def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, pls
         tl.store(out_ptr + b * stride_ob + head[None, :] * stride_oh + v_chan[:, None],
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[None, :])
     else:
-        part = (b * HQ + head) * num_splits + split
+        part = (b * HQ + head) * part_stride + part_off + split
         live = row_ok & (start < end)
         tl.store(po_ptr + part[None, :] * D + v_chan[:, None], o, mask=live[None, :])
         tl.store(plse_ptr + part, m + tl.log2(l_safe), mask=live)
+
+
+@triton.jit
+def _merge_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, HQ, num_splits,
+                  G: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr):
+    """out[b, h] = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) over the splits that ran."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    n_ctx = tl.load(ctx_ptr + b)
+    n_blocks = tl.cdiv(n_ctx, G)
+    bps = tl.maximum(tl.cdiv(n_blocks, num_splits), 1)
+    n_used = tl.cdiv(n_blocks, bps)
+    s = tl.arange(0, SPLITS_P2)
+    offs_d = tl.arange(0, D)
+    ok = s < n_used
+    part = (b * HQ + h) * num_splits + s
+    lse = tl.load(plse_ptr + part, mask=ok, other=float("-inf"))
+    mx = tl.max(lse, axis=0)
+    mx = tl.where(n_used > 0, mx, 0.0)
+    w = tl.where(ok, tl.exp2(lse - mx), 0.0)
+    o = tl.load(po_ptr + part[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+    den = tl.sum(w, axis=0)
+    res = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _merge_parts_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, HQ, num_parts,
+                        D: tl.constexpr, PARTS_P2: tl.constexpr):
+    """``_merge_kernel`` for the split Gluon path: parts 0 .. num_parts-2 are the record
+    splits (lse -inf where a split had no record), part num_parts-1 the fp16 blocks
+    (written iff the sequence has a token)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    n_ctx = tl.load(ctx_ptr + b)
+    s = tl.arange(0, PARTS_P2)
+    offs_d = tl.arange(0, D)
+    ok = (s < num_parts - 1) | ((s == num_parts - 1) & (n_ctx > 0))
+    part = (b * HQ + h) * num_parts + s
+    lse = tl.load(plse_ptr + part, mask=ok, other=float("-inf"))
+    mx = tl.max(lse, axis=0)
+    mx = tl.where(mx > float("-inf"), mx, 0.0)
+    w = tl.where(ok, tl.exp2(lse - mx), 0.0)
+    o = tl.load(po_ptr + part[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+    den = tl.sum(w, axis=0)
+    res = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -517,7 +566,7 @@ def _merge_tile(po_ptr, plse_ptr, out_ptr, base, n_ok,
 
     Every partial's load is in flight at once; the channel slice keeps the tile at
     PARTS_P2 x DCH values (a [256, 128] fp32 tile in one 4-warp program, 256 values per
-    thread, spilled: 3.9 us at 129 partials on the H100, NOTES.md attempt 28)."""
+    thread, spilled: 3.9 us at 129 partials on the H100, NOTES.md attempt 29)."""
     s = tl.arange(0, PARTS_P2)
     ok = s < n_ok
     lse = tl.load(plse_ptr + base + s, mask=ok, other=float("-inf"))
@@ -533,25 +582,11 @@ def _merge_tile(po_ptr, plse_ptr, out_ptr, base, n_ok,
 
 
 @triton.jit
-def _merge_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, HQ, num_splits,
-                  G: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr, DCH: tl.constexpr):
-    """out[b, h] from the splits of ``_decode_kernel`` that ran (a split past the end of
-    the sequence wrote nothing); grid (B, Hq, D / DCH)."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    n_ctx = tl.load(ctx_ptr + b)
-    n_blocks = tl.cdiv(n_ctx, G)
-    bps = tl.maximum(tl.cdiv(n_blocks, num_splits), 1)
-    n_used = tl.cdiv(n_blocks, bps)
-    _merge_tile(po_ptr, plse_ptr, out_ptr + b * stride_ob + h * stride_oh, (b * HQ + h) * num_splits,
-                n_used, D, SPLITS_P2, DCH)
-
-
-@triton.jit
-def _merge_parts_kernel(po_ptr, plse_ptr, out_ptr, stride_ob, stride_oh, HQ, num_parts,
-                        D: tl.constexpr, PARTS_P2: tl.constexpr, DCH: tl.constexpr):
-    """``_merge_kernel`` for the Gluon path, whose partials are all written (lse -inf
-    where one had no key): the record splits, then the fp16 chunks; grid (B, Hq, D / DCH)."""
+def _merge_chunks_kernel(po_ptr, plse_ptr, out_ptr, stride_ob, stride_oh, HQ, num_parts,
+                         D: tl.constexpr, PARTS_P2: tl.constexpr, DCH: tl.constexpr):
+    """The merge of the Gluon path with fp16 chunks, whose partials are all written (lse
+    -inf where one had no key): the record splits, then the fp16 chunks; grid (B, Hq,
+    D / DCH)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     _merge_tile(po_ptr, plse_ptr, out_ptr + b * stride_ob + h * stride_oh, (b * HQ + h) * num_parts,
@@ -631,12 +666,12 @@ def fp16_partials(q, kv_fp16, block_tables, context_lens, po, plse, scale, part0
 
 def merge_partials(po, plse, out):
     """out [B, Hq, D] = the lse-weighted merge of every partial of po / plse (those with
-    lse -inf skipped), ``_merge_parts_kernel``."""
+    lse -inf skipped), ``_merge_chunks_kernel``."""
     bsz, hq, parts, d = po.shape
     p2 = triton.next_power_of_2(parts)
     dch = merge_dch(p2, d)
-    _merge_parts_kernel[(bsz, hq, d // dch)](po, plse, out, out.stride(0), out.stride(1), hq, parts,
-                                             D=d, PARTS_P2=p2, DCH=dch, num_warps=4)
+    _merge_chunks_kernel[(bsz, hq, d // dch)](po, plse, out, out.stride(0), out.stride(1), hq, parts,
+                                              D=d, PARTS_P2=p2, DCH=dch, num_warps=4)
     return out
 
 
@@ -870,18 +905,16 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
         scale * LOG2E, FP16_MAGIC,
         q.stride(0), q.stride(1), kv_fp16.stride(0), kv_fp16.stride(1), kv_fp16.stride(2),
         srb, srh, block_tables.stride(0), out.stride(0), out.stride(1),
-        hkv, hq, num_splits,
+        hkv, hq, num_splits, num_splits, 0,
         QH=qh, BLOCK_H=block_h, G=g, BLOCK_N=fp16_block_n(g, d), REC_SUB=rec_sub, D=d, REC_DEQ=bool(rec_deq),
         REC_JOINT=rec_joint, PREFETCH=prefetch_mode,
-        SPLIT=num_splits > 1,
+        SPLIT=num_splits > 1, SKIP_REC=False,
         **record_constexprs(cfg),
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if num_splits > 1:
-        p2 = triton.next_power_of_2(num_splits)
-        dch = merge_dch(p2, d)
-        _merge_kernel[(bsz, hq, d // dch)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq,
-                                           num_splits, G=g, D=d, SPLITS_P2=p2, DCH=dch, num_warps=4)
+        _merge_kernel[(bsz, hq)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq, num_splits,
+                                 G=g, D=d, SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4)
     return out
 
 
@@ -893,6 +926,10 @@ GLUON_MIN_RECORDS = 1024
 # attempt 27); KVARN_GLUON_DIMS="128" (say) keeps the others on the Triton kernel.
 GLUON_AUTO_DIMS = tuple(int(x) for x in os.environ.get("KVARN_GLUON_DIMS", "64,128,256").split(",")
                         if x.strip())
+# the Gluon path's fp16 sink/tail as chunked partials with a channel-sliced merge
+# (``_fp16_chunk_kernel``, NOTES.md attempt 29): CPU-interpreter tested, not yet run on a
+# GPU, so off by default; KVARN_GLUON_FP16_CHUNKS=1 turns it on (benchmarks, tests)
+GLUON_FP16_CHUNKS = os.environ.get("KVARN_GLUON_FP16_CHUNKS", "0") == "1"
 
 
 @functools.lru_cache(maxsize=1)
@@ -927,10 +964,15 @@ def _gluon_splits(programs: int, max_blocks: int, sms: int, programs_per_sm: int
 
 
 def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, num_splits, out,
-                  prefetch="auto", maxnreg=None):
+                  prefetch="auto", maxnreg=None, fp16_chunks=None):
     """Records by the Gluon kernel (num_splits programs of one warp per sequence and KV
-    head, one partial each), the sink and tail blocks by ``_fp16_chunk_kernel`` (one
-    partial per chunk of keys), then ``_merge_parts_kernel``.
+    head, one partial each), the sink and tail blocks, then a merge of the partials.
+
+    The fp16 blocks: by default (verified on the H100) ``_decode_kernel`` with records
+    skipped, one program per sequence and KV head (one more partial), merged by
+    ``_merge_parts_kernel``. fp16_chunks=True (or ``GLUON_FP16_CHUNKS``; session 7,
+    not yet run on a GPU): ``_fp16_chunk_kernel``, a program per chunk of keys (a partial
+    each), merged over channel slices by ``_merge_chunks_kernel`` (NOTES.md attempt 29).
 
     prefetch: "l2" (the next record into L2 by a bulk prefetch), "l2x2" (two records
     ahead), None, or "auto" (decode_gluon.LAUNCH's per-head_dim choice); maxnreg: a
@@ -956,8 +998,10 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
     ahead = ahead0 if prefetch == "auto" else aheads[prefetch]
     if rec_bytes % 16 or records.stride(0) % 16 or records.stride(1) % 16 or records.data_ptr() % 16:
         ahead = 0
-    block_n = fp16_chunk_n(bsz, hkv, g, d, _sm_count(q.device))
-    parts = num_splits + 2 * (g // block_n)     # the record splits, then the fp16 chunks
+    chunks = GLUON_FP16_CHUNKS if fp16_chunks is None else bool(fp16_chunks)
+    block_n = fp16_chunk_n(bsz, hkv, g, d, _sm_count(q.device)) if chunks else 0
+    # the record splits, then the fp16 chunks (or the one fp16 partial)
+    parts = num_splits + (2 * (g // block_n) if chunks else 1)
     po = torch.empty(bsz, hq, parts, d, dtype=torch.float32, device=q.device)
     plse = torch.empty(bsz, hq, parts, dtype=torch.float32, device=q.device)
     o = cfg.offsets
@@ -969,6 +1013,20 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
         OFF_KC=o["k_codes"], OFF_KS=o["k_scale"], OFF_KZ=o["k_zero"], OFF_KT=o["k_tok"],
         OFF_VC=o["v_codes"], OFF_VCH=o["v_chan"], OFF_VS=o["v_scale"], OFF_VZ=o["v_zero"],
         num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
-    fp16_partials(q, kv_fp16, block_tables, context_lens, po, plse, scale, num_splits, block_n)
-    merge_partials(po, plse, out)
+    if chunks:
+        fp16_partials(q, kv_fp16, block_tables, context_lens, po, plse, scale, num_splits, block_n)
+        merge_partials(po, plse, out)
+        return out
+    warps0, _, rec_sub0, _ = default_launch(cfg, g, d)
+    _decode_kernel[(bsz * hkv, 1)](
+        q, kv_fp16, records, block_tables, context_lens, out, po, plse,
+        scale * LOG2E, FP16_MAGIC,
+        q.stride(0), q.stride(1), kv_fp16.stride(0), kv_fp16.stride(1), kv_fp16.stride(2),
+        records.stride(0), records.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
+        hkv, hq, 1, parts, num_splits,
+        QH=qh, BLOCK_H=max(16, triton.next_power_of_2(qh)), G=g, BLOCK_N=fp16_block_n(g, d), REC_SUB=rec_sub0,
+        D=d, REC_DEQ=True, REC_JOINT=False, PREFETCH=0, SPLIT=True, SKIP_REC=True,
+        **record_constexprs(cfg), num_warps=warps0, num_stages=2)
+    _merge_parts_kernel[(bsz, hq)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq, parts,
+                                   D=d, PARTS_P2=triton.next_power_of_2(parts), num_warps=4)
     return out

@@ -49,6 +49,24 @@ def test_gluon_decode_other_head_dims(d, qh, lens, splits):
     run_case("kvarn_k4v2_g128", d, qh, lens, splits, hkv=3, seed=13, kernel="gluon")
 
 
+# the fp16 sink/tail as chunked partials (GLUON_FP16_CHUNKS, NOTES.md attempt 29): 32-key
+# chunks at small batches; 12 x 4 sequences x KV heads take the fp16 sub-tile instead
+CHUNK_CASES = [
+    (128, 4, [1, 127, 128, 129, 256, 257, 4096, 16385], None),
+    (128, 8, [9999, 2000, 1, 640] * 3, 5),
+    (64, 3, [1, 129, 257, 4000, 16385], None),
+    (256, 4, [3000, 300, 129], 6),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,qh,lens,splits", CHUNK_CASES)
+def test_gluon_decode_fp16_chunks(d, qh, lens, splits, monkeypatch):
+    from kvarn.kernels import decode_attention
+    monkeypatch.setattr(decode_attention, "GLUON_FP16_CHUNKS", True)
+    run_case("kvarn_k4v2_g128", d, qh, lens, splits, hkv=4, seed=17, kernel="gluon")
+
+
 @pytest.mark.gpu
 def test_gluon_decode_agrees_with_triton_kernel():
     """Both kernels on one cache: the same attention up to fp16 rounding order."""
