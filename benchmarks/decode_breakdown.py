@@ -17,7 +17,8 @@ import torch
 from kernels import PRESET, SHAPES, PagedCase, git_commit, gluon_settings, graph_latency, source_sha256   # this folder is sys.path[0]
 
 
-def breakdown(label: str, kernel: str, calls: int = 20, num_splits: int | None = None) -> dict:
+def breakdown(label: str, kernel: str, calls: int = 20, num_splits: int | None = None,
+              maxnreg: int | None = None) -> dict:
     from torch.profiler import ProfilerActivity, profile
     from kvarn.format import KVarNConfig
     from kvarn.kernels.decode_attention import paged_decode_attention
@@ -26,7 +27,7 @@ def breakdown(label: str, kernel: str, calls: int = 20, num_splits: int | None =
     case = PagedCase(b, n, hq, hkv, d, cfg, want=("kvarn",))
     out = torch.empty_like(case.q)
     fn = lambda: paged_decode_attention(case.q, case.kv, case.records, case.bt, case.lens, cfg, out=out,
-                                        kernel=kernel, num_splits=num_splits)
+                                        kernel=kernel, num_splits=num_splits, maxnreg=maxnreg)
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
@@ -46,7 +47,7 @@ def breakdown(label: str, kernel: str, calls: int = 20, num_splits: int | None =
     e1.synchronize()
     del case
     torch.cuda.empty_cache()
-    return {"shape": label, "kernel": kernel, "num_splits": num_splits, "kernels_ms_per_call": per,
+    return {"shape": label, "kernel": kernel, "num_splits": num_splits, "maxnreg": maxnreg, "kernels_ms_per_call": per,
             "sum_kernels_ms": sum(per.values()), "wall_ms_per_call": e0.elapsed_time(e1) / calls}
 
 
@@ -54,17 +55,23 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="*", default=["B1_N4K", "B1_N32K", "B1_N128K", "D64_B1_N32K"])
     ap.add_argument("--out", default="breakdown.json")
-    ap.add_argument("--gluon-splits", type=int, nargs="*", default=[],
-                    help="also profile kernel='gluon' at these split counts (default: the split rule's)")
+    ap.add_argument("--gluon-launch", nargs="*", default=[], metavar="SPLITS[:MAXNREG]",
+                    help="also profile kernel='gluon' at these split counts (and register caps); "
+                         "e.g. 254:128 = one record per program, 16 programs per SM at D 128")
     args = ap.parse_args()
     import platform
     import triton
     rows = []
     for label in args.shapes:
-        for kernel, splits in [("auto", None), ("triton", None), ("gluon", None)] + [("gluon", s) for s in args.gluon_splits]:
-            r = breakdown(label, kernel, num_splits=splits)
+        launches = [("auto", None, None), ("triton", None, None), ("gluon", None, None)]
+        for spec in args.gluon_launch:
+            splits, _, reg = spec.partition(":")
+            launches.append(("gluon", int(splits), int(reg) if reg else None))
+        for kernel, splits, reg in launches:
+            r = breakdown(label, kernel, num_splits=splits, maxnreg=reg)
             rows.append(r)
-            print(f"{label:14s} {kernel:6s} splits {splits or 'default':>7} wall {r['wall_ms_per_call']:.4f} ms, kernels {r['sum_kernels_ms']:.4f}: "
+            print(f"{label:14s} {kernel:6s} splits {splits or 'default':>7} regs {reg or 'default':>7} "
+                  f"wall {r['wall_ms_per_call']:.4f} ms, kernels {r['sum_kernels_ms']:.4f}: "
                   + ", ".join(f"{k[:40]} {v:.4f}" for k, v in r["kernels_ms_per_call"].items()), flush=True)
     graph = []
     for label in args.shapes:

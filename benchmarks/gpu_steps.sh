@@ -34,7 +34,7 @@ for step in "$@"; do
     tests) run tests 300 bash -c "$PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py tests/kernels && $PY -m pytest -q tests/kernels/test_decode_parts.py" ;;
     kernels) run kernels 300 $PY benchmarks/kernels.py --check \
                --graph-latency B1_N4K B1_N32K B1_N128K B16_N16K D64_B1_N32K --out "$OUT/kernels.json" ;;
-    breakdown) run breakdown 150 bash -c "$PY benchmarks/decode_breakdown.py --out '$OUT/breakdown.json' --gluon-splits 64 192 254 \
+    breakdown) run breakdown 150 bash -c "$PY benchmarks/decode_breakdown.py --out '$OUT/breakdown.json' --gluon-launch 64 192 254 254:128 254:144 \
                  && KVARN_GLUON_FP16_CHUNKS=1 $PY benchmarks/decode_breakdown.py --out '$OUT/breakdown_chunks.json'" ;;
     extend) run extend 90 $PY benchmarks/extend.py --out "$OUT/extend.json" ;;
     engine) run engine 150 bash -c "$PY benchmarks/engine.py --gpu --out '$OUT/engine.json' && $PY -m pytest -q -m gpu tests/engine/test_gpu_engine.py" ;;
