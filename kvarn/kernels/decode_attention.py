@@ -922,7 +922,7 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
 # batch's sequences x KV heads x record blocks its block table can hold)
 GLUON_MIN_RECORDS = 1024
 # head dims kernel="auto" gives the Gluon kernel (all three since session 7: H100 D64 B64
-# N16K 0.101 vs 0.171 ms for the Triton kernel, D256 B16 N16K 0.167 vs 0.240; NOTES.md
+# N16K 0.101 vs 0.171 ms for the Triton kernel, D256 B16 N16K 0.168 vs 0.240; NOTES.md
 # attempt 27); KVARN_GLUON_DIMS="128" (say) keeps the others on the Triton kernel.
 GLUON_AUTO_DIMS = tuple(int(x) for x in os.environ.get("KVARN_GLUON_DIMS", "64,128,256").split(",")
                         if x.strip())

@@ -23,10 +23,11 @@ Orientation (one record, G = 128 tokens, D = 128 channels, up to 8 query heads a
     register. Row c of o^T is channel 16 (c % 8) + c // 8 (a lane's 16 channels are one
     V word per token).
 
-Other head dims (session 6, verified on the H100 in session 7, NOTES.md attempt 27): K takes D / 16 channel chunks. At D 256, o^T runs twice, over channels
-0..127 and 128..255 (the V words 0..7 and 8..15 of each token), into two accumulators. At
-D 64, o^T is [64 c, 8 h] with row c channel 8 (c % 8) + c // 8: a lane's 8 channels are
-one V half-word per token, loaded as int16 and unpacked by the first half of V_ASM.
+Other head dims (session 6, verified on the H100 in session 7, NOTES.md attempt 27): K
+takes D / 16 channel chunks. At D 256, o^T runs twice, over channels 0..127 and 128..255
+(the V words 0..7 and 8..15 of each token), into two accumulators. At D 64, o^T is [64
+c, 8 h] with row c channel 8 (c % 8) + c // 8: a lane's 8 channels are one V half-word
+per token, loaded as int16 and unpacked by the first half of V_ASM.
 
 Scales are folded (as ``_record_tile``): codes enter centered (c - 8, c - 2); ks into q
 (per record), kz' = kz + 8 ks as a per-head constant sum_d q kz', kt on the score rows,
@@ -61,7 +62,7 @@ def _flat_layout(shape, reg, lane):
 
 # Launch defaults per head_dim: (register cap, one-warp programs resident per SM, records
 # prefetched ahead into L2 by prefetch="auto"). H100 sweeps (benchmarks/NOTES.md
-# attempts 26, 29). D 128: 168 registers (193 uncapped at Triton 3.6, sm_90a; no spill in
+# attempts 26, 27). D 128: 168 registers (193 uncapped at Triton 3.6, sm_90a; no spill in
 # the loop at 168) let 12 programs share an SM; one record ahead. D 64 (B64 N16K): 128
 # registers, 16 programs, 0.101 ms (96: 0.108, 112: 0.103, 144: 0.114, 168: 0.114; at 128
 # the offline sm_90a loop spills 9 stores per record at 3 query heads, none at 144, and
