@@ -565,8 +565,8 @@ def _merge_tile(po_ptr, plse_ptr, out_ptr, base, n_ok,
     A partial with lse -inf (a split with no key) adds nothing and its o is not read.
 
     Every partial's load is in flight at once; the channel slice keeps the tile at
-    PARTS_P2 x DCH values (a [256, 128] fp32 tile in one 4-warp program, 256 values per
-    thread, spilled: 3.9 us at 129 partials on the H100, NOTES.md attempt 29)."""
+    PARTS_P2 x DCH values (the one-tile merge holds a [256, 128] fp32 tile in one 4-warp
+    program, 256 values per thread: 3.9 us at 129 partials on the H100, NOTES.md attempt 29)."""
     s = tl.arange(0, PARTS_P2)
     ok = s < n_ok
     lse = tl.load(plse_ptr + base + s, mask=ok, other=float("-inf"))
