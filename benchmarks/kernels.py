@@ -89,9 +89,10 @@ def source_sha256() -> str:
 
 def gluon_settings() -> dict:
     """The Gluon path's switches in this run: the head dims kernel="auto" sends to it
-    (KVARN_GLUON_DIMS) and whether the fp16 blocks go in chunks (KVARN_GLUON_FP16_CHUNKS)."""
-    from kvarn.kernels.decode_attention import GLUON_AUTO_DIMS, GLUON_FP16_CHUNKS
-    return {"auto_dims": list(GLUON_AUTO_DIMS), "fp16_chunks": GLUON_FP16_CHUNKS}
+    (KVARN_GLUON_DIMS), whether the fp16 blocks go in chunks (KVARN_GLUON_FP16_CHUNKS)
+    and on a second stream (KVARN_GLUON_SIDE_STREAM)."""
+    from kvarn.kernels.decode_attention import GLUON_AUTO_DIMS, GLUON_FP16_CHUNKS, GLUON_SIDE_STREAM
+    return {"auto_dims": list(GLUON_AUTO_DIMS), "fp16_chunks": GLUON_FP16_CHUNKS, "side_stream": GLUON_SIDE_STREAM}
 
 
 def bench(fn, warmup=25, rep=200) -> float:

@@ -930,6 +930,21 @@ GLUON_AUTO_DIMS = tuple(int(x) for x in os.environ.get("KVARN_GLUON_DIMS", "64,1
 # (``_fp16_chunk_kernel``, NOTES.md attempt 29): CPU-interpreter tested, not yet run on a
 # GPU, so off by default; KVARN_GLUON_FP16_CHUNKS=1 turns it on (benchmarks, tests)
 GLUON_FP16_CHUNKS = os.environ.get("KVARN_GLUON_FP16_CHUNKS", "0") == "1"
+# session 8, not yet run on a GPU: the fp16 sink/tail kernel on a second CUDA stream, at
+# the same time as the record kernel (both write their own partials; the merge waits for
+# both). Graph capture records the fork and the join. KVARN_GLUON_SIDE_STREAM=1 turns it on.
+GLUON_SIDE_STREAM = os.environ.get("KVARN_GLUON_SIDE_STREAM", "0") == "1"
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """One side stream per device, made once (a new stream per call would cost a
+    driver call each time and is not allowed while a graph is being captured)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    s = _SIDE_STREAMS.get(idx)
+    if s is None:
+        s = _SIDE_STREAMS[idx] = torch.cuda.Stream(device=idx)
+    return s
 
 
 @functools.lru_cache(maxsize=1)
@@ -964,7 +979,7 @@ def _gluon_splits(programs: int, max_blocks: int, sms: int, programs_per_sm: int
 
 
 def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, num_splits, out,
-                  prefetch="auto", maxnreg=None, fp16_chunks=None):
+                  prefetch="auto", maxnreg=None, fp16_chunks=None, side_stream=None):
     """Records by the Gluon kernel (num_splits programs of one warp per sequence and KV
     head, one partial each), the sink and tail blocks, then a merge of the partials.
 
@@ -976,7 +991,9 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
 
     prefetch: "l2" (the next record into L2 by a bulk prefetch), "l2x2" (two records
     ahead), None, or "auto" (decode_gluon.LAUNCH's per-head_dim choice); maxnreg: a
-    register cap for the Gluon kernel (None: LAUNCH's)."""
+    register cap for the Gluon kernel (None: LAUNCH's). side_stream=True (or
+    ``GLUON_SIDE_STREAM``; session 8, not yet run on a GPU): the fp16 part runs on a
+    second stream while the record kernel runs, joined before the merge."""
     aheads = {"l2": 1, "l2x2": 2, None: 0}
     if prefetch != "auto" and prefetch not in aheads:
         raise ValueError(f"kernel='gluon' takes prefetch 'auto', 'l2', 'l2x2' or None, got {prefetch!r}")
@@ -1005,6 +1022,16 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
     po = torch.empty(bsz, hq, parts, d, dtype=torch.float32, device=q.device)
     plse = torch.empty(bsz, hq, parts, dtype=torch.float32, device=q.device)
     o = cfg.offsets
+    side = (GLUON_SIDE_STREAM if side_stream is None else bool(side_stream)) and q.is_cuda
+    main = torch.cuda.current_stream(q.device) if side else None
+    if side:
+        # po/plse/out and the inputs belong to the caller's stream, which waits for the
+        # side stream before the merge, so nothing later frees or reuses them early
+        stream = _side_stream(q.device)
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            _fp16_part(q, kv_fp16, records, block_tables, context_lens, cfg, scale, out, po, plse,
+                       num_splits, parts, block_n)
     decode_gluon.record_attention_kernel[(bsz * hkv, num_splits)](
         q, records, block_tables, context_lens, po, plse, scale * LOG2E,
         q.stride(0), q.stride(1), records.stride(0), records.stride(1), block_tables.stride(0),
@@ -1013,10 +1040,30 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
         OFF_KC=o["k_codes"], OFF_KS=o["k_scale"], OFF_KZ=o["k_zero"], OFF_KT=o["k_tok"],
         OFF_VC=o["v_codes"], OFF_VCH=o["v_chan"], OFF_VS=o["v_scale"], OFF_VZ=o["v_zero"],
         num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
-    if chunks:
-        fp16_partials(q, kv_fp16, block_tables, context_lens, po, plse, scale, num_splits, block_n)
+    if side:
+        main.wait_stream(stream)
+    else:
+        _fp16_part(q, kv_fp16, records, block_tables, context_lens, cfg, scale, out, po, plse,
+                   num_splits, parts, block_n)
+    if block_n:
         merge_partials(po, plse, out)
         return out
+    _merge_parts_kernel[(bsz, hq)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq, parts,
+                                   D=d, PARTS_P2=triton.next_power_of_2(parts), num_warps=4)
+    return out
+
+
+def _fp16_part(q, kv_fp16, records, block_tables, context_lens, cfg, scale, out, po, plse,
+               num_splits, parts, block_n):
+    """The sink and tail blocks' partials, after the num_splits record partials: in
+    chunks of block_n keys (``fp16_partials``), or, with block_n 0, one partial per
+    sequence and KV head by ``_decode_kernel`` with records skipped."""
+    if block_n:
+        fp16_partials(q, kv_fp16, block_tables, context_lens, po, plse, scale, num_splits, block_n)
+        return
+    bsz, hq, d = q.shape
+    hkv, g = kv_fp16.shape[2], kv_fp16.shape[3]
+    qh = hq // hkv
     warps0, _, rec_sub0, _ = default_launch(cfg, g, d)
     _decode_kernel[(bsz * hkv, 1)](
         q, kv_fp16, records, block_tables, context_lens, out, po, plse,
@@ -1027,6 +1074,3 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
         QH=qh, BLOCK_H=max(16, triton.next_power_of_2(qh)), G=g, BLOCK_N=fp16_block_n(g, d), REC_SUB=rec_sub0,
         D=d, REC_DEQ=True, REC_JOINT=False, PREFETCH=0, SPLIT=True, SKIP_REC=True,
         **record_constexprs(cfg), num_warps=warps0, num_stages=2)
-    _merge_parts_kernel[(bsz, hq)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq, parts,
-                                   D=d, PARTS_P2=triton.next_power_of_2(parts), num_warps=4)
-    return out

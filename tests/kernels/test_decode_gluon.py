@@ -67,6 +67,37 @@ def test_gluon_decode_fp16_chunks(d, qh, lens, splits, monkeypatch):
     run_case("kvarn_k4v2_g128", d, qh, lens, splits, hkv=4, seed=17, kernel="gluon")
 
 
+# the fp16 part on a second stream (GLUON_SIDE_STREAM, session 8), with either fp16 path:
+# against the reference, and captured in a CUDA graph (the fork and join) with a
+# concurrent stream of other work must still match the single-stream result
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunks", [False, True])
+def test_gluon_decode_side_stream(chunks, monkeypatch):
+    from kvarn.kernels import decode_attention
+    monkeypatch.setattr(decode_attention, "GLUON_SIDE_STREAM", True)
+    monkeypatch.setattr(decode_attention, "GLUON_FP16_CHUNKS", chunks)
+    run_case("kvarn_k4v2_g128", 128, 4, [1, 129, 257, 4096, 16385], None, hkv=4, seed=19, kernel="gluon")
+    cfg = KVarNConfig.from_name("kvarn_k4v2_g128", 128)
+    lens = [3000, 129, 5000, 1, 40000]
+    kv, records, bt, ctx = build_paged_cache(cfg, lens, [1] * 5, 4, 128, 128, seed=6)
+    q = torch.randn(5, 16, 128, device="cuda").half()
+    out = torch.empty_like(q)
+    paged_decode_attention(q, kv, records, bt, ctx, cfg, out=out, kernel="gluon")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_decode_attention(q, kv, records, bt, ctx, cfg, out=out, kernel="gluon")
+    for step in range(3):
+        q.copy_(torch.randn_like(q))
+        ctx.copy_(torch.tensor([3000 - step, 129, 5000, 0, 40000 - 7 * step], dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        monkeypatch.setattr(decode_attention, "GLUON_SIDE_STREAM", False)
+        expect = paged_decode_attention(q, kv, records, bt, ctx, cfg, kernel="gluon")
+        monkeypatch.setattr(decode_attention, "GLUON_SIDE_STREAM", True)
+        assert torch.equal(out, expect), step
+        assert (out[3] == 0).all()
+
+
 @pytest.mark.gpu
 def test_gluon_decode_agrees_with_triton_kernel():
     """Both kernels on one cache: the same attention up to fp16 rounding order."""
