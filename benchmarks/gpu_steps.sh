@@ -11,6 +11,7 @@
 #   breakdown  decode_breakdown.py (per-kernel time at small batches), then
 #              again with KVARN_GLUON_FP16_CHUNKS=1 (NOTES.md attempt 29), then with
 #              KVARN_GLUON_SIDE_STREAM=1, alone and with the chunks (attempt 30) (240)
+#   variants   kernels.py launch sweeps of the Gluon kernel at D 256 and D 64      (200)
 #   extend     extend.py (extend attention vs fp16 paged vs SDPA)             (90)
 #   engine     engine.py --gpu and the GPU engine tests                        (150)
 # KVARN_GLUON_DIMS, KVARN_GLUON_FP16_CHUNKS and KVARN_GLUON_SIDE_STREAM (decode_attention.py) pass through to
@@ -43,8 +44,10 @@ for step in "$@"; do
                  ; KVARN_GLUON_FP16_CHUNKS=1 $PY benchmarks/decode_breakdown.py --out '$RES/breakdown_chunks.json' \
                  ; KVARN_GLUON_SIDE_STREAM=1 $PY benchmarks/decode_breakdown.py --out '$RES/breakdown_side.json' \
                  ; KVARN_GLUON_SIDE_STREAM=1 KVARN_GLUON_FP16_CHUNKS=1 $PY benchmarks/decode_breakdown.py --out '$RES/breakdown_side_chunks.json'" ;;
+    variants) run variants 200 $PY benchmarks/kernels.py --shapes D256_B16_N16K D64_B1_N32K --no-store \
+                --variants D256_B16_N16K D64_B1_N32K --out "$RES/variants.json" ;;
     extend) run extend 90 $PY benchmarks/extend.py --out "$RES/extend.json" ;;
     engine) run engine 150 bash -c "$PY benchmarks/engine.py --gpu --out '$RES/engine.json' && $PY -m pytest -q -m gpu tests/engine/test_gpu_engine.py" ;;
-    *) echo "unknown step $step (tests kernels breakdown extend engine)"; exit 2 ;;
+    *) echo "unknown step $step (tests kernels breakdown variants extend engine)"; exit 2 ;;
   esac
 done

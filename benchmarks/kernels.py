@@ -374,7 +374,7 @@ def decode_variants(case: PagedCase) -> list:
     from kvarn.kernels.decode_attention import gluon_supported
     configs = []
     if gluon_supported(case.q, case.cfg, case.hq // case.hkv):
-        configs = [dict(kernel="gluon", num_splits=s) for s in (None, 1, 2, 3, 4, 6, 8, 12)]
+        configs = [dict(kernel="gluon", num_splits=s) for s in (None, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)]
         configs += [dict(kernel="gluon", prefetch=p, maxnreg=r) for p, r in (("l2x2", None), (None, None), ("l2", 0))]
         if case.d != 128:   # session 6: the register caps of the head_dim 64 / 256 ports
             caps = (96, 112, 144, 168) if case.d == 64 else (168, 200, 232)
