@@ -919,21 +919,25 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
 
 
 # kernel="auto" takes the Gluon record kernel from this many records per call (the
-# batch's sequences x KV heads x record blocks its block table can hold)
-GLUON_MIN_RECORDS = 1024
+# batch's sequences x KV heads x record blocks its block table can hold). H100 graph
+# replay, session 8 (NOTES.md attempt 30): with the chunked, side-stream fp16 part the
+# Gluon path ties the Triton kernel at B1 N4K (240 records, 0.0157 ms each) and wins at
+# D64 B1 N32K (762 records, 0.0120 vs 0.0166 ms)
+GLUON_MIN_RECORDS = 256
 # head dims kernel="auto" gives the Gluon kernel (all three since session 7: H100 D64 B64
 # N16K 0.101 vs 0.171 ms for the Triton kernel, D256 B16 N16K 0.168 vs 0.240; NOTES.md
 # attempt 27); KVARN_GLUON_DIMS="128" (say) keeps the others on the Triton kernel.
 GLUON_AUTO_DIMS = tuple(int(x) for x in os.environ.get("KVARN_GLUON_DIMS", "64,128,256").split(",")
                         if x.strip())
 # the Gluon path's fp16 sink/tail as chunked partials with a channel-sliced merge
-# (``_fp16_chunk_kernel``, NOTES.md attempt 29): CPU-interpreter tested, not yet run on a
-# GPU, so off by default; KVARN_GLUON_FP16_CHUNKS=1 turns it on (benchmarks, tests)
-GLUON_FP16_CHUNKS = os.environ.get("KVARN_GLUON_FP16_CHUNKS", "0") == "1"
-# session 8, not yet run on a GPU: the fp16 sink/tail kernel on a second CUDA stream, at
-# the same time as the record kernel (both write their own partials; the merge waits for
-# both). Graph capture records the fork and the join. KVARN_GLUON_SIDE_STREAM=1 turns it on.
-GLUON_SIDE_STREAM = os.environ.get("KVARN_GLUON_SIDE_STREAM", "0") == "1"
+# (``_fp16_chunk_kernel``, NOTES.md attempt 29), and that fp16 part on a second CUDA
+# stream at the same time as the record kernel (both write their own partials; the merge
+# waits for both; graph capture records the fork and the join; attempt 30). Both verified
+# on the H100 in session 8 and on by default: B1 N32K graph replay 0.0378 ms with
+# neither, 0.0282 chunks, 0.0320 side stream, 0.0270 both. KVARN_GLUON_FP16_CHUNKS=0 /
+# KVARN_GLUON_SIDE_STREAM=0 turn them off.
+GLUON_FP16_CHUNKS = os.environ.get("KVARN_GLUON_FP16_CHUNKS", "1") == "1"
+GLUON_SIDE_STREAM = os.environ.get("KVARN_GLUON_SIDE_STREAM", "1") == "1"
 _SIDE_STREAMS: dict = {}
 
 
