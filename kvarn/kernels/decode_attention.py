@@ -77,10 +77,11 @@ call can be captured in a CUDA graph.
 
 On CUDA, ``kernel="auto"`` hands the records of k4v2_g128 caches (D = 64, 128, 256) to
 a Gluon kernel (decode_gluon.py: codes unpacked straight into mma.sync fragments, one
-warp per program; H100 B64 N16K 0.38 ms vs 0.85 for this kernel), runs this one over the
-sink and tail only (``SKIP_REC``) and merges the partials (``_merge_parts_kernel``); or,
-with ``GLUON_FP16_CHUNKS``, the sink and tail in chunks of keys (``_fp16_chunk_kernel``)
-merged over channel slices (``_merge_chunks_kernel``).
+warp per program; H100 B64 N16K 0.37 ms vs 0.85 for this kernel), runs the sink and
+tail in chunks of keys (``_fp16_chunk_kernel``; on a second stream while a CUDA graph is
+captured) and merges the partials over channel slices (``_merge_chunks_kernel``); with
+``GLUON_FP16_CHUNKS`` off, this kernel covers the sink and tail (``SKIP_REC``) and
+``_merge_parts_kernel`` merges.
 """
 from __future__ import annotations
 
@@ -932,12 +933,27 @@ GLUON_AUTO_DIMS = tuple(int(x) for x in os.environ.get("KVARN_GLUON_DIMS", "64,1
 # the Gluon path's fp16 sink/tail as chunked partials with a channel-sliced merge
 # (``_fp16_chunk_kernel``, NOTES.md attempt 29), and that fp16 part on a second CUDA
 # stream at the same time as the record kernel (both write their own partials; the merge
-# waits for both; graph capture records the fork and the join; attempt 30). Both verified
-# on the H100 in session 8 and on by default: B1 N32K graph replay 0.0378 ms with
-# neither, 0.0282 chunks, 0.0320 side stream, 0.0270 both. KVARN_GLUON_FP16_CHUNKS=0 /
-# KVARN_GLUON_SIDE_STREAM=0 turn them off.
+# waits for both; graph capture records the fork and the join; attempt 30). Verified on
+# the H100 in session 8. B1 N32K graph replay: 0.0378 ms with neither, 0.0282 chunks,
+# 0.0320 side stream, 0.0270 both. The side stream costs host time per eager call (D64
+# B64 N16K eager 0.0988 -> 0.1162 ms, launch-bound; replayed 0.0960 -> 0.0937), so by
+# default ("graph") it is used only while a CUDA graph is being captured, where that
+# cost is paid once. KVARN_GLUON_SIDE_STREAM=1 / 0: always / never;
+# KVARN_GLUON_FP16_CHUNKS=0: one fp16 program per sequence and KV head.
 GLUON_FP16_CHUNKS = os.environ.get("KVARN_GLUON_FP16_CHUNKS", "1") == "1"
-GLUON_SIDE_STREAM = os.environ.get("KVARN_GLUON_SIDE_STREAM", "1") == "1"
+GLUON_SIDE_STREAM = os.environ.get("KVARN_GLUON_SIDE_STREAM", "graph")
+
+
+def side_stream_on(mode, capturing: bool) -> bool:
+    """Whether the fp16 part goes to the side stream: mode True / "1" always, False /
+    "0" never, "graph" only while capturing a CUDA graph."""
+    if mode in (True, "1"):
+        return True
+    if mode in (False, "0", None):
+        return False
+    if mode == "graph":
+        return capturing
+    raise ValueError(f"KVARN_GLUON_SIDE_STREAM / side_stream takes 1, 0 or graph, got {mode!r}")
 _SIDE_STREAMS: dict = {}
 
 
@@ -987,17 +1003,17 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
     """Records by the Gluon kernel (num_splits programs of one warp per sequence and KV
     head, one partial each), the sink and tail blocks, then a merge of the partials.
 
-    The fp16 blocks: by default (verified on the H100) ``_decode_kernel`` with records
-    skipped, one program per sequence and KV head (one more partial), merged by
-    ``_merge_parts_kernel``. fp16_chunks=True (or ``GLUON_FP16_CHUNKS``; session 7,
-    not yet run on a GPU): ``_fp16_chunk_kernel``, a program per chunk of keys (a partial
-    each), merged over channel slices by ``_merge_chunks_kernel`` (NOTES.md attempt 29).
+    The fp16 blocks: fp16_chunks (None: ``GLUON_FP16_CHUNKS``, on by default) True:
+    ``_fp16_chunk_kernel``, a program per chunk of keys (a partial each), merged over
+    channel slices by ``_merge_chunks_kernel`` (NOTES.md attempt 29); False:
+    ``_decode_kernel`` with records skipped, one program per sequence and KV head (one
+    more partial), merged by ``_merge_parts_kernel``. Both verified on the H100.
 
     prefetch: "l2" (the next record into L2 by a bulk prefetch), "l2x2" (two records
     ahead), None, or "auto" (decode_gluon.LAUNCH's per-head_dim choice); maxnreg: a
-    register cap for the Gluon kernel (None: LAUNCH's). side_stream=True (or
-    ``GLUON_SIDE_STREAM``; session 8, not yet run on a GPU): the fp16 part runs on a
-    second stream while the record kernel runs, joined before the merge."""
+    register cap for the Gluon kernel (None: LAUNCH's). side_stream (None:
+    ``GLUON_SIDE_STREAM``, by default "graph"; see ``side_stream_on``): the fp16 part
+    runs on a second stream while the record kernel runs, joined before the merge."""
     aheads = {"l2": 1, "l2x2": 2, None: 0}
     if prefetch != "auto" and prefetch not in aheads:
         raise ValueError(f"kernel='gluon' takes prefetch 'auto', 'l2', 'l2x2' or None, got {prefetch!r}")
@@ -1026,7 +1042,8 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
     po = torch.empty(bsz, hq, parts, d, dtype=torch.float32, device=q.device)
     plse = torch.empty(bsz, hq, parts, dtype=torch.float32, device=q.device)
     o = cfg.offsets
-    side = (GLUON_SIDE_STREAM if side_stream is None else bool(side_stream)) and q.is_cuda
+    side = q.is_cuda and side_stream_on(GLUON_SIDE_STREAM if side_stream is None else side_stream,
+                                        torch.cuda.is_current_stream_capturing())
     main = torch.cuda.current_stream(q.device) if side else None
     if side:
         # po/plse/out and the inputs belong to the caller's stream, which waits for the

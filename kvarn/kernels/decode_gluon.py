@@ -35,9 +35,9 @@ vs into p, vz' = vz + 2 vs as the per-head sum_t p vz', vch on the output rows.
 
 The kernel covers the records of a (sequence, KV head, split) and writes a partial
 (o, lse) like the Triton kernel's splits (lse -inf where a split holds no record); the
-fp16 sink and tail blocks go to the Triton kernel (records skipped) as one more partial,
-or with ``decode_attention.GLUON_FP16_CHUNKS`` to ``_fp16_chunk_kernel`` in chunks of
-keys, a partial each; a merge combines them.
+fp16 sink and tail blocks go to ``_fp16_chunk_kernel`` in chunks of keys, a partial each
+(or, with ``decode_attention.GLUON_FP16_CHUNKS`` off, to the Triton kernel with records
+skipped, as one more partial); a merge combines them.
 """
 from __future__ import annotations
 

@@ -67,9 +67,9 @@ def test_gluon_decode_fp16_chunks(d, qh, lens, splits, monkeypatch):
     run_case("kvarn_k4v2_g128", d, qh, lens, splits, hkv=4, seed=17, kernel="gluon")
 
 
-# the fp16 part on a second stream (GLUON_SIDE_STREAM, session 8), with either fp16 path:
-# against the reference, and captured in a CUDA graph (the fork and join) with a
-# concurrent stream of other work must still match the single-stream result
+# the fp16 part on a second stream (GLUON_SIDE_STREAM=True: always, also eagerly; session 8),
+# with either fp16 path: against the reference, and captured in a CUDA graph (the fork
+# and the join) and replayed with new q and lengths, bit-equal to the one-stream result
 @pytest.mark.gpu
 @pytest.mark.parametrize("chunks", [False, True])
 def test_gluon_decode_side_stream(chunks, monkeypatch):
@@ -141,3 +141,15 @@ def test_gluon_scope_is_checked():
         paged_decode_attention(q, kv, records, bt, ctx, cfg, kernel="gluon")
     with pytest.raises(ValueError):
         paged_decode_attention(q, kv, records, bt, ctx, cfg, kernel="cuda")
+
+
+def test_side_stream_modes():
+    """KVARN_GLUON_SIDE_STREAM: 1 / True always, 0 / False never, graph (the default) only
+    while a CUDA graph is being captured; anything else is refused."""
+    from kvarn.kernels.decode_attention import GLUON_SIDE_STREAM, side_stream_on
+    assert GLUON_SIDE_STREAM in ("graph", "1", "0")
+    for mode, expect in [("1", (True, True)), (True, (True, True)), ("0", (False, False)),
+                         (False, (False, False)), ("graph", (False, True))]:
+        assert (side_stream_on(mode, False), side_stream_on(mode, True)) == expect, mode
+    with pytest.raises(ValueError):
+        side_stream_on("yes", False)
