@@ -31,24 +31,29 @@ def _load(path, name):
     return m
 
 
-def _ptx(m, qh: int) -> str:
+def compile_record_kernel(m, qh: int, d: int = 128, maxnreg: int = 168, ahead: int = 1, hints: bool = False):
+    """``m.record_attention_kernel`` (m: a loaded decode_gluon module) compiled for
+    sm_90a at QH = qh, head_dim d. hints=True adds the 16-divisibility the JIT gives
+    pointers and the q / record strides at run time (without it loads do not vectorize,
+    which changes the instruction count)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     sys.path.insert(0, ROOT)
     from kvarn.format import KVarNConfig
-    cfg = KVarNConfig.from_name("kvarn_k4v2_g128", 128)
+    cfg = KVarNConfig.from_name("kvarn_k4v2_g128", d)
     o = cfg.offsets
-    const = dict(QH=qh, G=cfg.group_size, AHEAD=1, OFF_KC=o["k_codes"], OFF_KS=o["k_scale"],
+    const = dict(QH=qh, G=cfg.group_size, AHEAD=ahead, OFF_KC=o["k_codes"], OFF_KS=o["k_scale"],
                  OFF_KZ=o["k_zero"], OFF_KT=o["k_tok"], OFF_VC=o["v_codes"], OFF_VCH=o["v_chan"],
                  OFF_VS=o["v_scale"], OFF_VZ=o["v_zero"])
     fn = m.record_attention_kernel
     names = list(inspect.signature(fn.fn).parameters)
     if "D" in names:                       # the head_dim-generic kernel (session 6)
-        const.update(D=cfg.head_dim, PF_ASM=m.prefetch_asm(cfg.record_bytes))
+        const.update(D=cfg.head_dim, PF_ASM=m.prefetch_asm(cfg.record_bytes) if ahead else "")
     ptrs = {"q_ptr": "*fp16", "rec_ptr": "*u8", "bt_ptr": "*i32", "ctx_ptr": "*i32", "po_ptr": "*fp32",
             "plse_ptr": "*fp32"}
-    sig, constexprs = {}, {}
+    aligned = set(ptrs) | {"stride_qb", "stride_qh", "stride_rb", "stride_rh"}
+    sig, constexprs, attrs = {}, {}, {}
     for i, n in enumerate(names):
         if n in ptrs:
             sig[n] = ptrs[n]
@@ -59,9 +64,14 @@ def _ptx(m, qh: int) -> str:
             constexprs[(i,)] = const[n]
         else:
             sig[n] = "i32"
-    k = triton.compile(GluonASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=1, maxnreg=168))   # the D-128 cap of both revisions
-    return k.asm["ptx"]
+        if hints and n in aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return triton.compile(GluonASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=1, maxnreg=maxnreg))
+
+
+def _ptx(m, qh: int) -> str:
+    return compile_record_kernel(m, qh).asm["ptx"]   # 168: the D-128 cap of both revisions
 
 
 def _ops(ptx: str) -> list:

@@ -559,7 +559,8 @@ def plot(paths):
     """Decode times and speed-ups per shape. Where a file has a CUDA-graph replay of a
     shape (``graph_latency``), that number is plotted instead of do_bench's (hatched
     bars, labelled "graph"): do_bench of a ~20 us kernel also times the Python launch.
-    The decode rows come from the first file; graph rows from every file (later ones win)."""
+    Decode and graph rows come from every file, a later file's row replacing an earlier
+    one of the same shape (a rerun of a few shapes after a full run)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -569,7 +570,11 @@ def plot(paths):
     rows = [r for r in res["decode"] if "error" not in r]
     graph = {}
     for p in paths:
-        graph.update({g["shape"]: g for g in json.load(open(p)).get("graph_latency", []) if "error" not in g})
+        later = json.load(open(p))
+        if p != path:
+            redo = {r["shape"]: r for r in later.get("decode", []) if "error" not in r}
+            rows = [redo.get(r["shape"], r) for r in rows]
+        graph.update({g["shape"]: g for g in later.get("graph_latency", []) if "error" not in g})
 
     def ms(r, name):
         g = graph.get(r["shape"])
