@@ -4,7 +4,7 @@ disassembled with the cuobjdump Triton ships. Prints the register count, whether
 local-memory spill remains, and the record loop's instruction count and mix (the loop
 is the longest backward branch).
 
-    python benchmarks/gluon_sass.py [--d 128] [--qh 4] [--maxnreg N] [--ahead K]
+    python benchmarks/gluon_sass.py [--d 128] [--qh 4] [--maxnreg N] [--ahead K] [--pair]
 
 Defaults are decode_gluon.LAUNCH's for the head dim (session 8: D 128 at 168 registers,
 2,319 instructions per record, 60% of them the unpack's LOP3 / HADD2 / HFMA2 / PRMT).
@@ -46,13 +46,14 @@ def main():
     ap.add_argument("--qh", type=int, default=4)
     ap.add_argument("--maxnreg", type=int, default=None)
     ap.add_argument("--ahead", type=int, default=None)
+    ap.add_argument("--pair", action="store_true", help="two records per loop iteration")
     args = ap.parse_args()
     import triton
     m = _load(os.path.join(ROOT, REL), "decode_gluon_sass")
     maxnreg, _, ahead = m.LAUNCH[args.d]
     maxnreg = args.maxnreg if args.maxnreg is not None else maxnreg
     ahead = args.ahead if args.ahead is not None else ahead
-    k = compile_record_kernel(m, args.qh, args.d, maxnreg, ahead, hints=True)
+    k = compile_record_kernel(m, args.qh, args.d, maxnreg, ahead, hints=True, pair=args.pair)
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
@@ -65,7 +66,7 @@ def main():
     regs = re.findall(r"REG:(\d+)", res)
     ops = loop_ops(sass)
     mix = collections.Counter(ops)
-    print(f"triton {triton.__version__}, D={args.d} QH={args.qh} maxnreg={maxnreg} ahead={ahead}: "
+    print(f"triton {triton.__version__}, D={args.d} QH={args.qh} maxnreg={maxnreg} ahead={ahead} pair={args.pair}: "
           f"registers {regs[0] if regs else '?'}, spill instructions anywhere {sass.count('STL')}")
     print(f"record loop: {len(ops)} instructions, STL {mix['STL']} LDL {mix['LDL']}")
     print("mix: " + ", ".join(f"{op} {n}" for op, n in mix.most_common(16)))

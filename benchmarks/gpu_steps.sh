@@ -8,13 +8,13 @@
 #   tests      pytest -m gpu tests/kernels (the Gluon file first), then the
 #              chunk/merge tests of test_decode_parts.py on the GPU            (300)
 #   kernels    kernels.py --check, every shape, graph replay of the B1 rows    (300)
-#   breakdown  decode_breakdown.py (per-kernel time at small batches), then
-#              again with KVARN_GLUON_FP16_CHUNKS=1 (NOTES.md attempt 29), then with
-#              KVARN_GLUON_SIDE_STREAM=1, alone and with the chunks (attempt 30) (240)
+#   breakdown  decode_breakdown.py (per-kernel time at small batches), then again
+#              with session 7's fp16 part (chunks and side stream off) and with
+#              KVARN_GLUON_PAIR=1 (NOTES.md attempt 31)                           (240)
 #   variants   kernels.py launch sweeps of the Gluon kernel at D 256 and D 64      (200)
 #   extend     extend.py (extend attention vs fp16 paged vs SDPA)             (90)
 #   engine     engine.py --gpu and the GPU engine tests                        (150)
-# KVARN_GLUON_DIMS, KVARN_GLUON_FP16_CHUNKS and KVARN_GLUON_SIDE_STREAM (decode_attention.py) pass through to
+# KVARN_GLUON_DIMS, _FP16_CHUNKS, _SIDE_STREAM and _PAIR (decode_attention.py) pass through to
 # every step.
 set -u
 OUT=${OUT:-/tmp/kvarn_out}
@@ -40,10 +40,9 @@ for step in "$@"; do
     tests) run tests 300 bash -c "$PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py tests/kernels && $PY -m pytest -q tests/kernels/test_decode_parts.py" ;;
     kernels) run kernels 300 $PY benchmarks/kernels.py --check \
                --graph-latency B1_N4K B1_N32K B1_N128K B16_N16K D64_B1_N32K --out "$RES/kernels.json" ;;
-    breakdown) run breakdown 240 bash -c "$PY benchmarks/decode_breakdown.py --out '$RES/breakdown.json' --gluon-launch 64 192 254 254:128 254:144 \
-                 ; KVARN_GLUON_FP16_CHUNKS=1 $PY benchmarks/decode_breakdown.py --out '$RES/breakdown_chunks.json' \
-                 ; KVARN_GLUON_SIDE_STREAM=1 $PY benchmarks/decode_breakdown.py --out '$RES/breakdown_side.json' \
-                 ; KVARN_GLUON_SIDE_STREAM=1 KVARN_GLUON_FP16_CHUNKS=1 $PY benchmarks/decode_breakdown.py --out '$RES/breakdown_side_chunks.json'" ;;
+    breakdown) run breakdown 240 bash -c "$PY benchmarks/decode_breakdown.py --out '$RES/breakdown.json' --gluon-launch 64 192 \
+                 ; KVARN_GLUON_FP16_CHUNKS=0 KVARN_GLUON_SIDE_STREAM=0 $PY benchmarks/decode_breakdown.py --out '$RES/breakdown_s7.json' \
+                 ; KVARN_GLUON_PAIR=1 $PY benchmarks/decode_breakdown.py --out '$RES/breakdown_pair.json' --gluon-launch 64 86 192" ;;
     variants) run variants 200 $PY benchmarks/kernels.py --shapes D256_B16_N16K D64_B1_N32K --no-store \
                 --variants D256_B16_N16K D64_B1_N32K --out "$RES/variants.json" ;;
     extend) run extend 90 $PY benchmarks/extend.py --out "$RES/extend.json" ;;

@@ -942,6 +942,10 @@ GLUON_AUTO_DIMS = tuple(int(x) for x in os.environ.get("KVARN_GLUON_DIMS", "64,1
 # KVARN_GLUON_FP16_CHUNKS=0: one fp16 program per sequence and KV head.
 GLUON_FP16_CHUNKS = os.environ.get("KVARN_GLUON_FP16_CHUNKS", "1") == "1"
 GLUON_SIDE_STREAM = os.environ.get("KVARN_GLUON_SIDE_STREAM", "graph")
+# session 8, not yet run on a GPU: the Gluon kernel's PAIR loop (two records per
+# iteration, two independent chains per warp; D 64 and 128 only, decode_gluon.LAUNCH_PAIR),
+# aimed at small batches where the record kernel has few warps per SM. KVARN_GLUON_PAIR=1.
+GLUON_PAIR = os.environ.get("KVARN_GLUON_PAIR", "0") == "1"
 
 
 def side_stream_on(mode, capturing: bool) -> bool:
@@ -999,7 +1003,7 @@ def _gluon_splits(programs: int, max_blocks: int, sms: int, programs_per_sm: int
 
 
 def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, num_splits, out,
-                  prefetch="auto", maxnreg=None, fp16_chunks=None, side_stream=None):
+                  prefetch="auto", maxnreg=None, fp16_chunks=None, side_stream=None, pair=None):
     """Records by the Gluon kernel (num_splits programs of one warp per sequence and KV
     head, one partial each), the sink and tail blocks, then a merge of the partials.
 
@@ -1013,7 +1017,9 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
     ahead), None, or "auto" (decode_gluon.LAUNCH's per-head_dim choice); maxnreg: a
     register cap for the Gluon kernel (None: LAUNCH's). side_stream (None:
     ``GLUON_SIDE_STREAM``, by default "graph"; see ``side_stream_on``): the fp16 part
-    runs on a second stream while the record kernel runs, joined before the merge."""
+    runs on a second stream while the record kernel runs, joined before the merge. pair
+    (None: ``GLUON_PAIR``; D 64 / 128 only, elsewhere ignored): two records per loop
+    iteration, at decode_gluon.LAUNCH_PAIR's register cap and without the L2 prefetch."""
     aheads = {"l2": 1, "l2x2": 2, None: 0}
     if prefetch != "auto" and prefetch not in aheads:
         raise ValueError(f"kernel='gluon' takes prefetch 'auto', 'l2', 'l2x2' or None, got {prefetch!r}")
@@ -1025,6 +1031,9 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
                          f"per KV head; got {q.device.type}, {None if cfg is None else cfg.name}, D={d}, {qh}")
     from kvarn.kernels import decode_gluon
     maxnreg0, per_sm, ahead0 = decode_gluon.LAUNCH[d]
+    pair = (GLUON_PAIR if pair is None else bool(pair)) and d in decode_gluon.LAUNCH_PAIR
+    if pair:
+        (maxnreg0, per_sm), ahead0 = decode_gluon.LAUNCH_PAIR[d], 0
     if num_splits is None:
         num_splits = _gluon_splits(max(bsz * hkv, 1), block_tables.shape[1], _sm_count(q.device), per_sm)
     num_splits = max(1, int(num_splits))
@@ -1033,7 +1042,7 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
     # the bulk prefetch wants 16-byte aligned records of a multiple of 16 bytes
     rec_bytes = cfg.record_bytes
     ahead = ahead0 if prefetch == "auto" else aheads[prefetch]
-    if rec_bytes % 16 or records.stride(0) % 16 or records.stride(1) % 16 or records.data_ptr() % 16:
+    if pair or rec_bytes % 16 or records.stride(0) % 16 or records.stride(1) % 16 or records.data_ptr() % 16:
         ahead = 0
     chunks = GLUON_FP16_CHUNKS if fp16_chunks is None else bool(fp16_chunks)
     block_n = fp16_chunk_n(bsz, hkv, g, d, _sm_count(q.device)) if chunks else 0
@@ -1059,7 +1068,7 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
         hkv, hq, num_splits, parts,
         QH=qh, G=g, D=d, AHEAD=ahead, PF_ASM=decode_gluon.prefetch_asm(rec_bytes) if ahead else "",
         OFF_KC=o["k_codes"], OFF_KS=o["k_scale"], OFF_KZ=o["k_zero"], OFF_KT=o["k_tok"],
-        OFF_VC=o["v_codes"], OFF_VCH=o["v_chan"], OFF_VS=o["v_scale"], OFF_VZ=o["v_zero"],
+        OFF_VC=o["v_codes"], OFF_VCH=o["v_chan"], OFF_VS=o["v_scale"], OFF_VZ=o["v_zero"], PAIR=pair,
         num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
     if side:
         main.wait_stream(stream)

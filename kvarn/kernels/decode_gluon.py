@@ -33,6 +33,10 @@ Scales are folded (as ``_record_tile``): codes enter centered (c - 8, c - 2); ks
 (per record), kz' = kz + 8 ks as a per-head constant sum_d q kz', kt on the score rows,
 vs into p, vz' = vz + 2 vs as the per-head sum_t p vz', vch on the output rows.
 
+With PAIR (opt-in, session 8) the loop takes two records per iteration: both score
+tiles, one joint softmax update, both value products, so one warp holds two independent
+chains (for small batches, where few warps share an SM).
+
 The kernel covers the records of a (sequence, KV head, split) and writes a partial
 (o, lse) like the Triton kernel's splits (lse -inf where a split holds no record); the
 fp16 sink and tail blocks go to ``_fp16_chunk_kernel`` in chunks of keys, a partial each
@@ -70,6 +74,12 @@ def _flat_layout(shape, reg, lane):
 # N16K): 255 registers, 8 programs (232: 0.174 ms, 200: 0.182, 168: 0.193 with the
 # prefetch); no prefetch, 0.154 ms against 0.166 with one record ahead.
 LAUNCH = {64: (128, 16, 1), 128: (168, 12, 1), 256: (255, 8, 0)}
+# PAIR=True (two records per loop iteration; session 8, not yet run on a GPU): (register
+# cap, programs per SM). Offline sm_90a with the JIT's alignment hints
+# (benchmarks/gluon_sass.py --pair): D 128 245 registers without a spill at a 255 cap
+# (4,448 instructions per two records against 2 x 2,319), D 64 168 without a spill. At
+# D 256 the pair spills at 255 registers, so it is not offered there.
+LAUNCH_PAIR = {64: (168, 12), 128: (255, 8)}
 
 MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
 A_L = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
@@ -298,6 +308,54 @@ def _store_partial(po_ptr, part, acc, l_safe, live, dead, C0: gl.constexpr, D: g
 
 
 @gluon.jit
+def _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D: gl.constexpr,
+            OFF_KC: gl.constexpr, OFF_KS: gl.constexpr, OFF_KZ: gl.constexpr, OFF_KT: gl.constexpr):
+    """s^T [128 r, 8 h] of one record (log2 units): Kc @ (q ks)^T in D / 16 chunks of 16
+    channels, plus the per-head sum_d q kz', times k_tok per row."""
+    rec16 = rec.to(gl.pointer_type(gl.float16))
+    kw_ptr = (rec + OFF_KC).to(gl.pointer_type(gl.int32))
+    s = gl.zeros([128, 8], gl.float32, layout=MMA)
+    zq = gl.zeros([16, 8], gl.float32, layout=B_L)
+    for k in gl.static_range(D // 16):
+        qk, zk = _q_chunk(q_base, stride_qh, k, rec16 + OFF_KS // 2, rec16 + OFF_KZ // 2, QH, qk_scale)
+        zq = zq + zk
+        s = mma_v2(_k_chunk(kw_ptr + k * 256, kidx), qk, s)
+    zqh = gl.convert_layout(gl.sum(zq, axis=0), gl.SliceLayout(0, MMA))
+    kt = _rows(rec16 + OFF_KT // 2, rflat)
+    return (s + zqh[None, :]) * kt[:, None]
+
+
+@gluon.jit
+def _values(rec, p, vidx, rflat, cflat, D: gl.constexpr, OFF_VC: gl.constexpr, OFF_VCH: gl.constexpr,
+            OFF_VS: gl.constexpr, OFF_VZ: gl.constexpr):
+    """One record's (o^T + sum_t p vz') * v_chan for probabilities p [128 r, 8 h]: the
+    channels 0..127 (0..63 at D 64), and at D 256 also channels 128..255 (else zeros)."""
+    VN: gl.constexpr = 128 if D >= 128 else 64
+    rec16 = rec.to(gl.pointer_type(gl.float16))
+    vs = _rows(rec16 + OFF_VS // 2, rflat)
+    vz = _rows(rec16 + OFF_VZ // 2, rflat) + 2.0 * vs
+    zv = gl.sum(p * vz[:, None], axis=0)
+    pv = (p * vs[:, None]).to(gl.float16)                       # [128 r, 8 h]
+    pp = _f16_to_pair(gl.reshape(pv, [128, 4, 2]))              # [128 r, 4 hp]
+    t = gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r", [pp],
+                                  dtype=gl.int32, is_pure=True, pack=1)
+    if D == 64:
+        vw_ptr = (rec + OFF_VC).to(gl.pointer_type(gl.int16))
+    else:
+        vw_ptr = (rec + OFF_VC).to(gl.pointer_type(gl.int32))
+    o = _v_half(vw_ptr, vidx, t, D)
+    vch = _rows(rec16 + OFF_VCH // 2, cflat, VN)
+    c1 = (o + zv[None, :]) * vch[:, None]
+    if D == 256:
+        o2 = _v_half(vw_ptr + 8, vidx, t, D)
+        vch2 = _rows(rec16 + OFF_VCH // 2 + 128, cflat, VN)
+        c2 = (o2 + zv[None, :]) * vch2[:, None]
+    else:
+        c2 = gl.zeros([VN, 8], gl.float32, layout=MMA)
+    return c1, c2
+
+
+@gluon.jit
 def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, qk_scale,
                             stride_qb, stride_qh, stride_rb, stride_rh, stride_bt,
                             HKV, HQ, num_splits, part_stride,
@@ -305,7 +363,7 @@ def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, q
                             PF_ASM: gl.constexpr,
                             OFF_KC: gl.constexpr, OFF_KS: gl.constexpr, OFF_KZ: gl.constexpr,
                             OFF_KT: gl.constexpr, OFF_VC: gl.constexpr, OFF_VCH: gl.constexpr,
-                            OFF_VS: gl.constexpr, OFF_VZ: gl.constexpr):
+                            OFF_VS: gl.constexpr, OFF_VZ: gl.constexpr, PAIR: gl.constexpr = False):
     # D 64: one 64-row V accumulator (half-word V loads); 128: one 128-row; 256: two
     # 128-row halves (channels 0..127, 128..255), each the head_dim-128 V path
     VN: gl.constexpr = 128 if D >= 128 else 64
@@ -348,49 +406,48 @@ def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, q
     for k in gl.static_range(AHEAD):
         nxt = gl.load(bt + gl.minimum(r0 + k, r1 - 1), mask=r0 < r1, other=0).to(gl.int64)
         _prefetch_record_l2(rec_head + nxt * stride_rb, PF_ASM)
-    for i in range(r0, r1):
-        blk = gl.load(bt + i).to(gl.int64)
-        if AHEAD > 0:
-            nxt = gl.load(bt + gl.minimum(i + AHEAD, r1 - 1)).to(gl.int64)
-            _prefetch_record_l2(rec_head + nxt * stride_rb, PF_ASM)
-        rec = rec_head + blk * stride_rb
-        rec16 = rec.to(gl.pointer_type(gl.float16))
-        kw_ptr = (rec + OFF_KC).to(gl.pointer_type(gl.int32))
-        # ---- scores s^T = Kc @ (q ks)^T, D / 16 chunks of 16 channels
-        s = gl.zeros([128, 8], gl.float32, layout=MMA)
-        zq = gl.zeros([16, 8], gl.float32, layout=B_L)
-        for k in gl.static_range(D // 16):
-            qk, zk = _q_chunk(q_base, stride_qh, k, rec16 + OFF_KS // 2, rec16 + OFF_KZ // 2, QH, qk_scale)
-            zq = zq + zk
-            s = mma_v2(_k_chunk(kw_ptr + k * 256, kidx), qk, s)
-        zqh = gl.convert_layout(gl.sum(zq, axis=0), gl.SliceLayout(0, MMA))
-        kt = _rows(rec16 + OFF_KT // 2, rflat)
-        s = (s + zqh[None, :]) * kt[:, None]
-        # ---- online softmax (per warp: no cross-warp step)
-        m_new = gl.maximum(m, gl.max(s, axis=0))
-        alpha = gl.exp2(m - m_new)
-        p = gl.exp2(s - m_new[None, :])
-        l = l * alpha + gl.sum(p, axis=0)
-        m = m_new
-        vs = _rows(rec16 + OFF_VS // 2, rflat)
-        vz = _rows(rec16 + OFF_VZ // 2, rflat) + 2.0 * vs
-        zv = gl.sum(p * vz[:, None], axis=0)
-        pv = (p * vs[:, None]).to(gl.float16)                   # [128 r, 8 h]
-        pp = _f16_to_pair(gl.reshape(pv, [128, 4, 2]))          # [128 r, 4 hp]
-        t = gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r", [pp],
-                                      dtype=gl.int32, is_pure=True, pack=1)
-        # ---- o^T = Vc^T @ (p vs)^T
-        if D == 64:
-            vw_ptr = (rec + OFF_VC).to(gl.pointer_type(gl.int16))
-        else:
-            vw_ptr = (rec + OFF_VC).to(gl.pointer_type(gl.int32))
-        o = _v_half(vw_ptr, vidx, t, D)
-        vch = _rows(rec16 + OFF_VCH // 2, cflat, VN)
-        acc = acc * alpha[None, :] + (o + zv[None, :]) * vch[:, None]
-        if D == 256:
-            o = _v_half(vw_ptr + 8, vidx, t, D)
-            vch = _rows(rec16 + OFF_VCH // 2 + 128, cflat, VN)
-            acc2 = acc2 * alpha[None, :] + (o + zv[None, :]) * vch[:, None]
+    if PAIR:
+        # two records per iteration, two independent chains for the scheduler to overlap
+        # (for launches with few programs per SM, which can afford the registers); the
+        # second record of an odd tail is the first again with its scores at -inf
+        for i in range(r0, r1, 2):
+            blk = gl.load(bt + i).to(gl.int64)
+            ok2 = i + 1 < r1
+            blk2 = gl.load(bt + gl.minimum(i + 1, r1 - 1)).to(gl.int64)
+            rec = rec_head + blk * stride_rb
+            rec2 = rec_head + blk2 * stride_rb
+            s = _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT)
+            s2 = _scores(rec2, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT)
+            s2 = s2 + gl.where(ok2, 0.0, float("-inf"))
+            m_new = gl.maximum(m, gl.maximum(gl.max(s, axis=0), gl.max(s2, axis=0)))
+            alpha = gl.exp2(m - m_new)
+            p = gl.exp2(s - m_new[None, :])
+            p2 = gl.exp2(s2 - m_new[None, :])
+            l = l * alpha + gl.sum(p, axis=0) + gl.sum(p2, axis=0)
+            m = m_new
+            c1, c2 = _values(rec, p, vidx, rflat, cflat, D, OFF_VC, OFF_VCH, OFF_VS, OFF_VZ)
+            d1, d2 = _values(rec2, p2, vidx, rflat, cflat, D, OFF_VC, OFF_VCH, OFF_VS, OFF_VZ)
+            acc = acc * alpha[None, :] + (c1 + d1)
+            if D == 256:
+                acc2 = acc2 * alpha[None, :] + (c2 + d2)
+    else:
+        for i in range(r0, r1):
+            blk = gl.load(bt + i).to(gl.int64)
+            if AHEAD > 0:
+                nxt = gl.load(bt + gl.minimum(i + AHEAD, r1 - 1)).to(gl.int64)
+                _prefetch_record_l2(rec_head + nxt * stride_rb, PF_ASM)
+            rec = rec_head + blk * stride_rb
+            s = _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT)
+            # ---- online softmax (per warp: no cross-warp step)
+            m_new = gl.maximum(m, gl.max(s, axis=0))
+            alpha = gl.exp2(m - m_new)
+            p = gl.exp2(s - m_new[None, :])
+            l = l * alpha + gl.sum(p, axis=0)
+            m = m_new
+            c1, c2 = _values(rec, p, vidx, rflat, cflat, D, OFF_VC, OFF_VCH, OFF_VS, OFF_VZ)
+            acc = acc * alpha[None, :] + c1
+            if D == 256:
+                acc2 = acc2 * alpha[None, :] + c2
 
     # partial (acc / l, m + log2 l) per head
     l_safe = gl.where(l > 0, l, 1.0)

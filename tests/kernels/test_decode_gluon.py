@@ -67,6 +67,27 @@ def test_gluon_decode_fp16_chunks(d, qh, lens, splits, monkeypatch):
     run_case("kvarn_k4v2_g128", d, qh, lens, splits, hkv=4, seed=17, kernel="gluon")
 
 
+# the PAIR loop (GLUON_PAIR, session 8): two records per iteration, the second masked when
+# a split holds an odd count (lengths 257: one record, 385: two, 513: three); D 256 falls
+# back to the one-record loop
+PAIR_CASES = [
+    (128, 4, [1, 129, 257, 385, 513, 4096, 16385], None),
+    (128, 8, [9999, 2000, 1, 640], 3),
+    (128, 1, [5000, 385], 1),
+    (64, 3, [1, 257, 385, 513, 4000, 16385], None),
+    (64, 3, [3000, 300], 5),
+    (256, 4, [3000, 385], None),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,qh,lens,splits", PAIR_CASES)
+def test_gluon_decode_pair(d, qh, lens, splits, monkeypatch):
+    from kvarn.kernels import decode_attention
+    monkeypatch.setattr(decode_attention, "GLUON_PAIR", True)
+    run_case("kvarn_k4v2_g128", d, qh, lens, splits, hkv=3, seed=23, kernel="gluon")
+
+
 # the fp16 part on a second stream (GLUON_SIDE_STREAM=True: always, also eagerly; session 8),
 # with either fp16 path: against the reference, and captured in a CUDA graph (the fork
 # and the join) and replayed with new q and lengths, bit-equal to the one-stream result
