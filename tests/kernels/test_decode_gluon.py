@@ -67,6 +67,20 @@ def test_gluon_decode_fp16_chunks(d, qh, lens, splits, monkeypatch):
     run_case("kvarn_k4v2_g128", d, qh, lens, splits, hkv=4, seed=17, kernel="gluon")
 
 
+def _captured(lens, seed):
+    """A k4v2_g128 D-128 cache of these lengths (4 KV heads, 16 query heads) and a CUDA
+    graph of one kernel="gluon" decode call into out (run once before the capture)."""
+    cfg = KVarNConfig.from_name("kvarn_k4v2_g128", 128)
+    kv, records, bt, ctx = build_paged_cache(cfg, lens, [1] * len(lens), 4, 128, 128, seed=seed)
+    q = torch.randn(len(lens), 16, 128, device="cuda").half()
+    out = torch.empty_like(q)
+    paged_decode_attention(q, kv, records, bt, ctx, cfg, out=out, kernel="gluon")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_decode_attention(q, kv, records, bt, ctx, cfg, out=out, kernel="gluon")
+    return cfg, q, kv, records, bt, ctx, out, graph
+
+
 # the PAIR loop (GLUON_PAIR, session 8): two records per iteration, the second masked when
 # a split holds an odd count (lengths 257: one record, 385: two, 513: three); D 256 falls
 # back to the one-record loop
@@ -98,15 +112,7 @@ def test_gluon_decode_side_stream(chunks, monkeypatch):
     monkeypatch.setattr(decode_attention, "GLUON_SIDE_STREAM", True)
     monkeypatch.setattr(decode_attention, "GLUON_FP16_CHUNKS", chunks)
     run_case("kvarn_k4v2_g128", 128, 4, [1, 129, 257, 4096, 16385], None, hkv=4, seed=19, kernel="gluon")
-    cfg = KVarNConfig.from_name("kvarn_k4v2_g128", 128)
-    lens = [3000, 129, 5000, 1, 40000]
-    kv, records, bt, ctx = build_paged_cache(cfg, lens, [1] * 5, 4, 128, 128, seed=6)
-    q = torch.randn(5, 16, 128, device="cuda").half()
-    out = torch.empty_like(q)
-    paged_decode_attention(q, kv, records, bt, ctx, cfg, out=out, kernel="gluon")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        paged_decode_attention(q, kv, records, bt, ctx, cfg, out=out, kernel="gluon")
+    cfg, q, kv, records, bt, ctx, out, graph = _captured([3000, 129, 5000, 1, 40000], seed=6)
     for step in range(3):
         q.copy_(torch.randn_like(q))
         ctx.copy_(torch.tensor([3000 - step, 129, 5000, 0, 40000 - 7 * step], dtype=torch.int32))
@@ -134,15 +140,7 @@ def test_gluon_decode_agrees_with_triton_kernel():
 @pytest.mark.gpu
 def test_gluon_decode_cuda_graph_replay_and_padding_rows():
     """Captures in a CUDA graph; a context-0 padding row comes out as zeros."""
-    cfg = KVarNConfig.from_name("kvarn_k4v2_g128", 128)
-    lens = [3000, 129, 5000, 1]
-    kv, records, bt, ctx = build_paged_cache(cfg, lens, [1] * 4, 4, 128, 128, seed=5)
-    q = torch.randn(4, 16, 128, device="cuda").half()
-    out = torch.empty_like(q)
-    paged_decode_attention(q, kv, records, bt, ctx, cfg, out=out, kernel="gluon")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        paged_decode_attention(q, kv, records, bt, ctx, cfg, out=out, kernel="gluon")
+    cfg, q, kv, records, bt, ctx, out, graph = _captured([3000, 129, 5000, 1], seed=5)
     q.copy_(torch.randn_like(q))
     ctx.copy_(torch.tensor([2999, 129, 0, 1], dtype=torch.int32))
     graph.replay()
