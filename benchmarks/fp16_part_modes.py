@@ -6,13 +6,15 @@ GPU (NOTES.md attempt 30): chunks (KVARN_GLUON_FP16_CHUNKS) x side stream
 """
 import argparse
 import json
+import sys
 
 import torch
 
 from kernels import PRESET, SHAPES, PagedCase, bench, git_commit, source_sha256   # this folder is sys.path[0]
 
 
-def graph_ms(fn, reps=50) -> float:
+def graph_ms(fn) -> float:
+    """do_bench of the replay of a graph that captured one call of fn."""
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
@@ -51,7 +53,7 @@ def main():
         del case
         torch.cuda.empty_cache()
     import triton
-    json.dump({"command": "python benchmarks/fp16_part_modes.py " + " ".join(f"--shapes {' '.join(args.shapes)}".split()),
+    json.dump({"command": " ".join(["python", *sys.argv]), "shapes": args.shapes,
                "git_commit": git_commit(), "source_sha256": source_sha256(),
                "device": torch.cuda.get_device_name(), "versions": {"torch": torch.__version__, "triton": triton.__version__},
                "rows": rows}, open(args.out, "w"), indent=1)

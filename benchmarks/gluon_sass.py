@@ -6,7 +6,7 @@ is the longest backward branch).
 
     python benchmarks/gluon_sass.py [--d 128] [--qh 4] [--maxnreg N] [--ahead K] [--pair]
 
-Defaults are decode_gluon.LAUNCH's for the head dim (session 8: D 128 at 168 registers,
+Defaults are decode_gluon.LAUNCH's (LAUNCH_PAIR's with --pair) for the head dim (session 8: D 128 at 168 registers,
 2,319 instructions per record, 60% of them the unpack's LOP3 / HADD2 / HFMA2 / PRMT).
 """
 import argparse
@@ -51,6 +51,8 @@ def main():
     import triton
     m = _load(os.path.join(ROOT, REL), "decode_gluon_sass")
     maxnreg, _, ahead = m.LAUNCH[args.d]
+    if args.pair and args.d in m.LAUNCH_PAIR:
+        maxnreg, ahead = m.LAUNCH_PAIR[args.d][0], 0
     maxnreg = args.maxnreg if args.maxnreg is not None else maxnreg
     ahead = args.ahead if args.ahead is not None else ahead
     k = compile_record_kernel(m, args.qh, args.d, maxnreg, ahead, hints=True, pair=args.pair)

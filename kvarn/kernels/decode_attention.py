@@ -77,7 +77,7 @@ call can be captured in a CUDA graph.
 
 On CUDA, ``kernel="auto"`` hands the records of k4v2_g128 caches (D = 64, 128, 256) to
 a Gluon kernel (decode_gluon.py: codes unpacked straight into mma.sync fragments, one
-warp per program; H100 B64 N16K 0.37 ms vs 0.85 for this kernel), runs the sink and
+warp per program; H100 B64 N16K 0.37-0.38 ms vs 0.86 for this kernel), runs the sink and
 tail in chunks of keys (``_fp16_chunk_kernel``; on a second stream while a CUDA graph is
 captured) and merges the partials over channel slices (``_merge_chunks_kernel``); with
 ``GLUON_FP16_CHUNKS`` off, this kernel covers the sink and tail (``SKIP_REC``) and
@@ -923,7 +923,7 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
 # batch's sequences x KV heads x record blocks its block table can hold). H100 graph
 # replay, session 8 (NOTES.md attempt 30): with the chunked, side-stream fp16 part the
 # Gluon path ties the Triton kernel at B1 N4K (240 records, 0.0157 ms each) and wins at
-# D64 B1 N32K (762 records, 0.0120 vs 0.0166 ms)
+# D64 B1 N32K (762 records, 0.0120 vs 0.0167 ms)
 GLUON_MIN_RECORDS = 256
 # head dims kernel="auto" gives the Gluon kernel (all three since session 7: H100 D64 B64
 # N16K 0.101 vs 0.171 ms for the Triton kernel, D256 B16 N16K 0.168 vs 0.240; NOTES.md
@@ -958,6 +958,8 @@ def side_stream_on(mode, capturing: bool) -> bool:
     if mode == "graph":
         return capturing
     raise ValueError(f"KVARN_GLUON_SIDE_STREAM / side_stream takes 1, 0 or graph, got {mode!r}")
+
+
 _SIDE_STREAMS: dict = {}
 
 
