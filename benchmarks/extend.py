@@ -55,14 +55,15 @@ class ExtendCase:
         self.q_sdpa = self.q.view(batch, t_new, HQ, D).transpose(1, 2).contiguous()
         self.n, self.n_rec = n, n_rec
 
-    def run(self, which):
+    def run(self, which, **launch):
+        """launch: block_m / num_warps / num_stages for the paged kernel (default: its own)."""
         from kvarn.kernels.extend_attention import paged_extend_attention
         if which == "kvarn":
             return paged_extend_attention(self.q, self.kv, self.records, self.bt, self.lens, self.cu, self.cfg,
-                                          max_q_len=self.t_new)
+                                          max_q_len=self.t_new, **launch)
         if which == "fp16":
             return paged_extend_attention(self.q, self.kv_full, None, self.bt_full, self.lens, self.cu, None,
-                                          max_q_len=self.t_new)
+                                          max_q_len=self.t_new, **launch)
         import torch.nn.functional as F
         from torch.nn.attention.bias import causal_lower_right
         mask = causal_lower_right(self.t_new, self.n)
@@ -84,6 +85,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="extend.json")
     ap.add_argument("--shapes", nargs="*")
+    ap.add_argument("--variants", action="store_true",
+                    help="also time the KVarN kernel at other row tiles and warp counts (session 8: with "
+                         "hundreds of new tokens every program re-reads the whole context, so larger "
+                         "tiles read it fewer times)")
     args = ap.parse_args()
     import triton
     from kvarn.format import KVarNConfig
@@ -101,6 +106,19 @@ def main():
         row["fp16_rel_err"] = case.error("fp16")
         row["kvarn_over_sdpa"] = row["kvarn_ms"] / row["sdpa_ms"]
         row["kvarn_over_fp16"] = row["kvarn_ms"] / row["fp16_ms"]
+        if args.variants:
+            base = case.run("kvarn").float()
+            row["variants"] = []
+            for block_m, warps in [(64, 4), (128, 4), (128, 8), (256, 8)]:
+                kw = dict(block_m=block_m, num_warps=warps)
+                try:
+                    diff = (case.run("kvarn", **kw).float() - base).abs().max().item()
+                    ms = bench(lambda: case.run("kvarn", **kw), rep=100)
+                except Exception as e:    # a tile that does not compile or fit: record it, go on
+                    row["variants"].append({**kw, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                    continue
+                row["variants"].append({**kw, "ms": ms, "max_abs_diff_vs_default": diff})
+                print(f"    block_m {block_m} warps {warps}: {ms:.4f} ms (diff {diff:.1e})", flush=True)
         rows.append(row)
         print(f"{label:14s} kvarn {row['kvarn_ms']:.4f} fp16 {row['fp16_ms']:.4f} sdpa {row['sdpa_ms']:.4f} ms "
               f"(kvarn/sdpa {row['kvarn_over_sdpa']:.2f}; err kvarn {row['kvarn_rel_err']:.2e} "

@@ -50,6 +50,8 @@ CASES = [
     ("kvarn_k4v4_g128", 256, 3, [260], [3], 16),
     (None, 64, 3, [70, 130, 5], [70, 3, 2], 32),
     (None, 128, 1, [200], [67], None),
+    # the larger row tiles that extend.py --variants times (session 8): 32 tokens x 4 heads
+    ("kvarn_k4v2_g128", 128, 4, [420], [70], 128),
 ]
 
 
