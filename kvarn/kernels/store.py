@@ -34,8 +34,6 @@ Tiling: one program per (tile, K or V), the whole tile in registers:
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -43,12 +41,6 @@ import triton.language as tl
 from kvarn.format import KVarNConfig
 from kvarn.quant.normalize import IMBALANCE_EPS, STD_CLAMP
 from kvarn.quant.rtn import STEP_MIN
-
-
-# the per-axis means of each normalization step as tensor-core products of the exact fp16
-# tile (``_var_mma``, NOTES.md attempt 32) instead of two of the four sweeps per step.
-# Not yet measured on a GPU: off by default; KVARN_STORE_MEAN_MMA=1 turns it on.
-MEAN_MMA = os.environ.get("KVARN_STORE_MEAN_MMA", "0") == "1"
 
 
 def _exp_f32(a: float) -> float:
@@ -66,36 +58,6 @@ def _var(x, r, AXIS: tl.constexpr, N: tl.constexpr):
 
 
 @triton.jit
-def _var_mma(x16, w, AXIS: tl.constexpr, N: tl.constexpr):
-    """``_var`` with the mean pass on the tensor cores: the weighted sum over AXIS of
-    x16 * w is one tl.dot of the exact fp16 tile with w split into fp16 hi + lo rows
-    (about 22 bits of w; products exact, fp32 accumulation). Only the squared-deviation
-    pass sweeps the tile. An error e in the mean adds N * e^2 to the sum of squares
-    (second order), so the variance keeps the two-pass accuracy."""
-    w_hi = w.to(tl.float16)
-    w_lo = (w - w_hi.to(tl.float32)).to(tl.float16)
-    lane = tl.arange(0, 16)
-    if AXIS == 0:      # x16 [N, C]: sums over rows = W [16, N] @ x16
-        wm = tl.where(lane[:, None] == 0, w_hi[None, :], tl.where(lane[:, None] == 1, w_lo[None, :], 0.0))
-        mean = tl.sum(tl.dot(wm.to(tl.float16), x16), axis=0) * (1.0 / N)
-    else:              # x16 [R, N]: sums over columns = x16 @ W [N, 16]
-        wm = tl.where(lane[None, :] == 0, w_hi[:, None], tl.where(lane[None, :] == 1, w_lo[:, None], 0.0))
-        mean = tl.sum(tl.dot(x16, wm.to(tl.float16)), axis=1) * (1.0 / N)
-    d = x16.to(tl.float32) * tl.expand_dims(w, 1 - AXIS) - tl.expand_dims(mean, AXIS)
-    return tl.sum(d * d, axis=AXIS) * (1.0 / (N - 1))
-
-
-@triton.jit
-def _std(x16, w, AXIS: tl.constexpr, N: tl.constexpr, MEAN_MMA: tl.constexpr):
-    """Sample std along AXIS of x * w (w a vector along AXIS)."""
-    if MEAN_MMA:
-        v = _var_mma(x16, w, AXIS, N)
-    else:
-        v = _var(x16.to(tl.float32), tl.expand_dims(w, 1 - AXIS), AXIS, N)
-    return tl.sqrt(v)
-
-
-@triton.jit
 def _recip(s):
     """1/s for s in [e^-0.3, e^10]: rsqrt(s^2), one MUFU op instead of a division."""
     return tl.rsqrt(s * s)
@@ -108,12 +70,12 @@ def _imbalance(cstd, rstd, EPS: tl.constexpr):
 
 
 @triton.jit
-def _quantize_tile(x16, x_ptrs, rec, RA: tl.constexpr, R: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr,
+def _quantize_tile(x, rec, RA: tl.constexpr, R: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr,
                    OFF_CODES: tl.constexpr, OFF_ROWSCALE: tl.constexpr, OFF_ROWZERO: tl.constexpr,
                    OFF_COL: tl.constexpr, ITERS: tl.constexpr, E_LO: tl.constexpr,
                    E_HI: tl.constexpr, STD_LO: tl.constexpr, STD_HI: tl.constexpr,
-                   EPS: tl.constexpr, STEP_EPS: tl.constexpr, MEAN_MMA: tl.constexpr):
-    """x16 [G, D] fp16 -> one half (K or V) of a record at byte pointer rec.
+                   EPS: tl.constexpr, STEP_EPS: tl.constexpr):
+    """x [G, D] fp32 -> one half (K or V) of a record at byte pointer rec.
 
     M = x^T (RA = 1) or x (RA = 0) is [R, C]. Vectors over rows of M live along x axis
     RA (reduce over CA), vectors over columns along the other axis. The reference's
@@ -124,23 +86,23 @@ def _quantize_tile(x16, x_ptrs, rec, RA: tl.constexpr, R: tl.constexpr, C: tl.co
     """
     CA: tl.constexpr = 1 - RA
     # --- variance normalization (kvarn/quant/normalize.py) ------------------------
-    s_col = tl.sum(x16.to(tl.float32), axis=RA) * 0.0 + 1.0    # e^a, over C
-    s_row = tl.sum(x16.to(tl.float32), axis=CA) * 0.0 + 1.0    # e^b, over R
+    s_col = tl.sum(x, axis=RA) * 0.0 + 1.0           # e^a, over C
+    s_row = tl.sum(x, axis=CA) * 0.0 + 1.0           # e^b, over R
     rc = s_col                                       # 1 / e^a
     rr = s_row                                       # 1 / e^b
-    cstd = _std(x16, rr, RA, R, MEAN_MMA)
-    s_rows = _std(x16, rc, CA, C, MEAN_MMA)
+    cstd = tl.sqrt(_var(x, tl.expand_dims(rr, CA), RA, R))
+    s_rows = tl.sqrt(_var(x, tl.expand_dims(rc, RA), CA, C))
     best = _imbalance(cstd, s_rows, EPS)
     best_col = s_col
     best_row = s_row
     for _ in range(ITERS):
         s_col = tl.minimum(tl.maximum(s_col * tl.minimum(tl.maximum(cstd, STD_LO), STD_HI), E_LO), E_HI)
         rc = _recip(s_col)
-        s_rows = _std(x16, rc, CA, C, MEAN_MMA)                     # row stds of x * rc
+        s_rows = tl.sqrt(_var(x, tl.expand_dims(rc, RA), CA, C))      # row stds of x * rc
         s_row = tl.minimum(tl.maximum(s_row * tl.minimum(tl.maximum(rr * s_rows, STD_LO), STD_HI),
                                       E_LO), E_HI)
         rr = _recip(s_row)
-        cstd = rc * _std(x16, rr, RA, R, MEAN_MMA)
+        cstd = rc * tl.sqrt(_var(x, tl.expand_dims(rr, CA), RA, R))
         score = _imbalance(cstd, rr * s_rows, EPS)
         better = score <= best
         best = tl.where(better, score, best)
@@ -149,11 +111,7 @@ def _quantize_tile(x16, x_ptrs, rec, RA: tl.constexpr, R: tl.constexpr, C: tl.co
     # --- round each row of B = M / s_col / s_row (kvarn/quant/rtn.py) ---------------
     one_c = tl.full(best_col.shape, 1.0, tl.float32)
     one_r = tl.full(best_row.shape, 1.0, tl.float32)
-    if MEAN_MMA:
-        # the tile again from memory (L2): the loop holds it in the MMA layout, and keeping
-        # that register copy live for the rounding's layout too would spill
-        x16 = tl.load(x_ptrs, cache_modifier=".cg")
-    bal = x16.to(tl.float32) * tl.expand_dims(tl.div_rn(one_c, best_col), RA) * tl.expand_dims(tl.div_rn(one_r, best_row), CA)
+    bal = x * tl.expand_dims(tl.div_rn(one_c, best_col), RA) * tl.expand_dims(tl.div_rn(one_r, best_row), CA)
     lo = tl.min(bal, axis=CA)
     hi = tl.max(bal, axis=CA)
     QMAX: tl.constexpr = (1 << BITS) - 1
@@ -190,7 +148,7 @@ def _store_kernel(k_ptr, v_ptr, src_ptr, rec_ptr, dst_ptr,
                   OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr, OFF_END: tl.constexpr,
                   RB: tl.constexpr, ITERS: tl.constexpr, E_LO: tl.constexpr, E_HI: tl.constexpr,
                   STD_LO: tl.constexpr, STD_HI: tl.constexpr, EPS: tl.constexpr,
-                  STEP_EPS: tl.constexpr, MEAN_MMA: tl.constexpr):
+                  STEP_EPS: tl.constexpr):
     pid = tl.program_id(0)
     layer = tl.program_id(1).to(tl.int64)
     which = tl.program_id(2)
@@ -204,20 +162,20 @@ def _store_kernel(k_ptr, v_ptr, src_ptr, rec_ptr, dst_ptr,
         + offs_t[:, None] * stride_xt + offs_d[None, :]
     rec = rec_ptr + layer * stride_rl + dst * stride_rb + h * stride_rh
     if which == 0:
-        x = tl.load(k_ptr + tile)
-        _quantize_tile(x, k_ptr + tile, rec, 1, D, G, K_BITS, OFF_KC, OFF_KS, OFF_KZ, OFF_KT,
-                       ITERS, E_LO, E_HI, STD_LO, STD_HI, EPS, STEP_EPS, MEAN_MMA)
+        x = tl.load(k_ptr + tile).to(tl.float32)
+        _quantize_tile(x, rec, 1, D, G, K_BITS, OFF_KC, OFF_KS, OFF_KZ, OFF_KT,
+                       ITERS, E_LO, E_HI, STD_LO, STD_HI, EPS, STEP_EPS)
     else:
-        x = tl.load(v_ptr + tile)
-        _quantize_tile(x, v_ptr + tile, rec, 0, G, D, V_BITS, OFF_VC, OFF_VS, OFF_VZ, OFF_VCH,
-                       ITERS, E_LO, E_HI, STD_LO, STD_HI, EPS, STEP_EPS, MEAN_MMA)
+        x = tl.load(v_ptr + tile).to(tl.float32)
+        _quantize_tile(x, rec, 0, G, D, V_BITS, OFF_VC, OFF_VS, OFF_VZ, OFF_VCH,
+                       ITERS, E_LO, E_HI, STD_LO, STD_HI, EPS, STEP_EPS)
         if RB > OFF_END:                             # zero the padding to 8 bytes
             offs_p = tl.arange(0, 8)
             tl.store(rec + OFF_END + offs_p, tl.zeros([8], tl.uint8), mask=offs_p < RB - OFF_END)
 
 
 def _launch(k, v, src, records, dst, num_layers, strides_x, strides_r, hkv, cfg: KVarNConfig,
-            num_warps: int | None = None, mean_mma: bool | None = None):
+            num_warps: int | None = None):
     m = src.numel()
     if m == 0:
         return
@@ -232,7 +190,6 @@ def _launch(k, v, src, records, dst, num_layers, strides_x, strides_r, hkv, cfg:
         OFF_END=o["end"], RB=cfg.record_bytes, ITERS=iters,
         E_LO=_exp_f32(cfg.log_clip[0]), E_HI=_exp_f32(cfg.log_clip[1]),
         STD_LO=STD_CLAMP[0], STD_HI=STD_CLAMP[1], EPS=IMBALANCE_EPS, STEP_EPS=STEP_MIN,
-        MEAN_MMA=MEAN_MMA if mean_mma is None else bool(mean_mma),
         # 4 warps up to 128 x 128 tiles: 10.4 ms vs 18.5 at 8 warps for the 8B 16K-token
         # prompt on an H100 (benchmarks/store_variants.py, NOTES.md attempt 16)
         num_warps=num_warps or (4 if cfg.group_size * cfg.head_dim <= 128 * 128 else 8),
@@ -245,14 +202,12 @@ def _check_cfg(cfg):
 
 
 def store_tiles(kv_fp16_all: torch.Tensor, src_blocks: torch.Tensor, records_all: torch.Tensor,
-                dst_blocks: torch.Tensor, cfg: KVarNConfig, num_warps: int | None = None,
-                mean_mma: bool | None = None) -> None:
+                dst_blocks: torch.Tensor, cfg: KVarNConfig, num_warps: int | None = None) -> None:
     """Quantize fp16 blocks (rotated frame) into records, every layer at once, in place.
 
     kv_fp16_all fp16 [L, 2, nfp, Hkv, G, D]; records_all uint8 [L, nrec, Hkv, RB];
     src_blocks / dst_blocks [M] integer block ids (same semantics as ``ref_store_tiles``).
-    num_warps: a benchmark knob (default 4 up to 128 x 128 tiles, else 8); mean_mma
-    (None: ``MEAN_MMA``): the normalization's mean passes on the tensor cores.
+    num_warps: a benchmark knob (default 4 up to 128 x 128 tiles, else 8).
     """
     _check_cfg(cfg)
     if kv_fp16_all.dim() != 6 or kv_fp16_all.shape[1] != 2:
@@ -281,7 +236,7 @@ def store_tiles(kv_fp16_all: torch.Tensor, src_blocks: torch.Tensor, records_all
     sx = kv_fp16_all.stride()
     sr = records_all.stride()
     _launch(kv_fp16_all[:, 0], kv_fp16_all[:, 1], src, records_all, dst, num_layers,
-            (sx[0], sx[2], sx[3], sx[4]), (sr[0], sr[1], sr[2]), hkv, cfg, num_warps, mean_mma)
+            (sx[0], sx[2], sx[3], sx[4]), (sr[0], sr[1], sr[2]), hkv, cfg, num_warps)
 
 
 def quantize_blocks_triton(k: torch.Tensor, v: torch.Tensor, cfg: KVarNConfig,
