@@ -109,8 +109,13 @@ def main():
         if args.variants:
             base = case.run("kvarn").float()
             row["variants"] = []
-            for block_m, warps in [(64, 4), (128, 4), (128, 8), (256, 8)]:
-                kw = dict(block_m=block_m, num_warps=warps)
+            # the first sweep (64/128 rows x 4/8 warps, 256 at 8; session 9, results/extend_h100_s9.json):
+            # 64 rows at 4 warps 1.5-1.7x faster than at 8 with hundreds of new tokens,
+            # 128 rows 2.5-4x slower, 256 does not compile (ptxas: out of registers).
+            # So smaller programs: 16-64 rows at 2 or 4 warps, and a third pipeline stage.
+            for block_m, warps, stages in [(64, 4, 2), (64, 4, 3), (64, 2, 2), (32, 4, 2), (32, 2, 2),
+                                           (16, 2, 2), (16, 1, 2)]:
+                kw = dict(block_m=block_m, num_warps=warps, num_stages=stages)
                 try:
                     diff = (case.run("kvarn", **kw).float() - base).abs().max().item()
                     ms = bench(lambda: case.run("kvarn", **kw), rep=100)
@@ -118,7 +123,8 @@ def main():
                     row["variants"].append({**kw, "error": f"{type(e).__name__}: {str(e)[:200]}"})
                     continue
                 row["variants"].append({**kw, "ms": ms, "max_abs_diff_vs_default": diff})
-                print(f"    block_m {block_m} warps {warps}: {ms:.4f} ms (diff {diff:.1e})", flush=True)
+                print(f"    block_m {block_m} warps {warps} stages {stages}: {ms:.4f} ms (diff {diff:.1e})",
+                      flush=True)
         rows.append(row)
         print(f"{label:14s} kvarn {row['kvarn_ms']:.4f} fp16 {row['fp16_ms']:.4f} sdpa {row['sdpa_ms']:.4f} ms "
               f"(kvarn/sdpa {row['kvarn_over_sdpa']:.2f}; err kvarn {row['kvarn_rel_err']:.2e} "

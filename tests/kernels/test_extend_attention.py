@@ -22,7 +22,8 @@ from test_decode_attention import (  # noqa: E402  (same folder; pytest puts it 
 )
 
 
-def run_case(preset, d, qh, lens, q_lens, block_m=None, hkv=2, seed=0, g_fp16=64):
+def run_case(preset, d, qh, lens, q_lens, block_m=None, hkv=2, seed=0, g_fp16=64, num_warps=None,
+             num_stages=None):
     cfg = KVarNConfig.from_name(preset, d) if preset else None
     g = cfg.group_size if cfg else g_fp16
     kv, records, bt, ctx = build_paged_cache(cfg, lens, q_lens, hkv, d, g, seed=seed)
@@ -32,7 +33,8 @@ def run_case(preset, d, qh, lens, q_lens, block_m=None, hkv=2, seed=0, g_fp16=64
     cu_t = torch.tensor(cu, dtype=torch.int32, device=DEVICE)
     q = torch.randn(cu[-1], hkv * qh, d, generator=torch.Generator().manual_seed(seed + 1)).half().to(DEVICE)
     out = paged_extend_attention(q, kv, records, bt, ctx, cu_t, cfg, block_m=block_m,
-                                 max_q_len=max(q_lens) if seed % 2 else None)
+                                 max_q_len=max(q_lens) if seed % 2 else None,
+                                 num_warps=num_warps, num_stages=num_stages)
     ref, t16 = fp32_and_fp16_oracles(q, kv, records, bt, ctx, cu, cfg, 1.0 / math.sqrt(d))
     assert_close_to_reference(out, ref, t16)
     ref_op = ref_paged_attention(q.cpu(), kv.cpu(), None if records is None else records.cpu(),
@@ -72,5 +74,10 @@ def test_extend_empty_sequences():
     ("kvarn_k4v4_g128", 256, 8, [3000, 129], [257, 1]),
     (None, 128, 4, [4096, 777], [1024, 700]),
 ])
-def test_extend_gpu_large(preset, d, qh, lens, q_lens):
-    run_case(preset, d, qh, lens, q_lens, hkv=4, seed=7)
+@pytest.mark.parametrize("launch", [None, (64, 4, 2), (64, 4, 3), (32, 4, 2), (32, 2, 2), (16, 2, 2)],
+                         ids=lambda x: "default" if x is None else "m%d_w%d_s%d" % x)
+def test_extend_gpu_large(preset, d, qh, lens, q_lens, launch):
+    """Large ragged batches, at the default launch and the row tiles / warps / stages
+    that extend.py --variants times."""
+    block_m, warps, stages = launch or (None, None, None)
+    run_case(preset, d, qh, lens, q_lens, block_m, hkv=4, seed=7, num_warps=warps, num_stages=stages)
