@@ -90,7 +90,6 @@ def main():
                          "hundreds of new tokens every program re-reads the whole context, so larger "
                          "tiles read it fewer times)")
     args = ap.parse_args()
-    import triton
     from kvarn.format import KVarNConfig
     cfg = KVarNConfig.from_name(PRESET, D)
     rows = []
@@ -112,9 +111,10 @@ def main():
             # the first sweep (64/128 rows x 4/8 warps, 256 at 8; session 9, results/extend_h100_s9.json):
             # 64 rows at 4 warps 1.5-1.7x faster than at 8 with hundreds of new tokens,
             # 128 rows 2.5-4x slower, 256 does not compile (ptxas: out of registers).
-            # So smaller programs: 16-64 rows at 2 or 4 warps, and a third pipeline stage
-            # (the launches test_extend_gpu_large checks).
-            for block_m, warps, stages in [(64, 4, 2), (64, 4, 3), (32, 4, 2), (32, 2, 2), (16, 2, 2)]:
+            # The default is now 64 rows at 4 warps; next: 8 warps again (the old default),
+            # a third pipeline stage, and smaller programs (the launches
+            # test_extend_gpu_large checks).
+            for block_m, warps, stages in [(64, 8, 2), (64, 4, 3), (32, 4, 2), (32, 2, 2), (16, 2, 2)]:
                 kw = dict(block_m=block_m, num_warps=warps, num_stages=stages)
                 try:
                     diff = (case.run("kvarn", **kw).float() - base).abs().max().item()
@@ -126,11 +126,16 @@ def main():
                 print(f"    block_m {block_m} warps {warps} stages {stages}: {ms:.4f} ms (diff {diff:.1e})",
                       flush=True)
         rows.append(row)
+        _dump(args, rows)      # after every shape, so that a run cut off keeps what it measured
         print(f"{label:14s} kvarn {row['kvarn_ms']:.4f} fp16 {row['fp16_ms']:.4f} sdpa {row['sdpa_ms']:.4f} ms "
               f"(kvarn/sdpa {row['kvarn_over_sdpa']:.2f}; err kvarn {row['kvarn_rel_err']:.2e} "
               f"fp16 {row['fp16_rel_err']:.2e})", flush=True)
         del case
         torch.cuda.empty_cache()
+
+
+def _dump(args, rows):
+    import triton
     props = torch.cuda.get_device_properties(0)
     json.dump({"command": " ".join(["python"] + sys.argv), "git_commit": git_commit(),
                "source_sha256": source_sha256(),

@@ -14,7 +14,8 @@
 #              KVARN_GLUON_PAIR=1 (NOTES.md attempt 31)                           (240)
 #   variants   kernels.py launch sweeps of the Gluon kernel at D 256 and D 64      (200)
 #   extend     extend.py (extend attention vs fp16 paged vs SDPA), with the
-#              row-tile / warp / stage sweep of the KVarN kernel, then its GPU tests (260)
+#              GPU tests at every launch the row-tile / warp / stage sweep times,
+#              then the sweep (its JSON is written after every shape)          (260)
 #   engine     engine.py --gpu and the GPU engine tests                        (150)
 # KVARN_GLUON_DIMS, _FP16_CHUNKS, _SIDE_STREAM and _PAIR (decode_attention.py) pass through to
 # every step.
@@ -47,7 +48,7 @@ for step in "$@"; do
                  ; KVARN_GLUON_PAIR=1 $PY benchmarks/decode_breakdown.py --out '$RES/breakdown_pair.json' --gluon-launch 64 86 192" ;;
     variants) run variants 200 $PY benchmarks/kernels.py --shapes D256_B16_N16K D64_B1_N32K --no-store \
                 --variants D256_B16_N16K D64_B1_N32K --out "$RES/variants.json" ;;
-    extend) run extend 260 bash -c "$PY benchmarks/extend.py --variants --out '$RES/extend.json' && $PY -m pytest -q -m gpu tests/kernels/test_extend_attention.py" ;;
+    extend) run extend 260 bash -c "$PY -m pytest -q -m gpu tests/kernels/test_extend_attention.py; $PY benchmarks/extend.py --variants --out '$RES/extend.json'" ;;
     engine) run engine 150 bash -c "$PY benchmarks/engine.py --gpu --out '$RES/engine.json' && $PY -m pytest -q -m gpu tests/engine/test_gpu_engine.py" ;;
     *) echo "unknown step $step (tests kernels breakdown variants extend engine)"; exit 2 ;;
   esac

@@ -74,7 +74,7 @@ def test_extend_empty_sequences():
     ("kvarn_k4v4_g128", 256, 8, [3000, 129], [257, 1]),
     (None, 128, 4, [4096, 777], [1024, 700]),
 ])
-@pytest.mark.parametrize("launch", [None, (64, 4, 2), (64, 4, 3), (32, 4, 2), (32, 2, 2), (16, 2, 2)],
+@pytest.mark.parametrize("launch", [None, (64, 8, 2), (64, 4, 3), (32, 4, 2), (32, 2, 2), (16, 2, 2)],
                          ids=lambda x: "default" if x is None else "m%d_w%d_s%d" % x)
 def test_extend_gpu_large(preset, d, qh, lens, q_lens, launch):
     """Large ragged batches, at the default launch and the row tiles / warps / stages
