@@ -13,9 +13,9 @@
 #              with session 7's fp16 part (chunks and side stream off) and with
 #              KVARN_GLUON_PAIR=1 (NOTES.md attempt 31)                           (240)
 #   variants   kernels.py launch sweeps of the Gluon kernel at D 256 and D 64      (200)
-#   extend     extend.py (extend attention vs fp16 paged vs SDPA), with the
-#              GPU tests at every launch the row-tile / warp / stage sweep times,
-#              then the sweep (its JSON is written after every shape)          (260)
+#   extend     the GPU extend tests at every launch the sweep times, then
+#              extend.py --variants (extend attention vs fp16 paged vs SDPA, and the
+#              row-tile / warp / stage sweep; JSON written after every shape)  (260)
 #   engine     engine.py --gpu and the GPU engine tests                        (150)
 # KVARN_GLUON_DIMS, _FP16_CHUNKS, _SIDE_STREAM and _PAIR (decode_attention.py) pass through to
 # every step.
