@@ -147,10 +147,14 @@ def paged_extend_attention(q, kv_fp16, records, block_tables, context_lens, cu_s
     rec = records if records is not None else kv_fp16
     srb, srh = (records.stride(0), records.stride(1)) if records is not None else (0, 0)
     if num_warps is None:
-        # D <= 128, 64 rows: 4 warps 1.53-1.67x faster than 8 with hundreds of new tokens,
-        # bit-identical output (H100, D 128, results/extend_h100_s9.json; 8% slower with
-        # 8 new tokens x 16 sequences). D 256 (32 rows) was not measured: 8 as before.
-        num_warps = 4 if d <= 128 else 8
+        # k4v2_g128 at D 128, 64 rows: 4 warps 1.53-1.67x faster than 8 with hundreds of
+        # new tokens, output bit-identical to 8 warps' on all five shapes (H100,
+        # results/extend_h100_s9.json; 8% slower with 8 new tokens x 16 sequences). Other
+        # presets, head dims and the fp16 cache were neither timed nor GPU-tested at 4
+        # warps: 8 as before.
+        measured = (cfg is not None and (cfg.k_bits, cfg.v_bits, cfg.group_size) == (4, 2, 128)
+                    and d == 128 and block_m == 64)
+        num_warps = 4 if measured else 8
     if num_stages is None:
         num_stages = 2
     grid = (triton.cdiv(max_q_len, block_t), hkv, bsz)
