@@ -17,6 +17,8 @@
 #              extend.py --variants (extend attention vs fp16 paged vs SDPA, and the
 #              row-tile / warp / stage sweep; JSON written after every shape)  (260)
 #   engine     engine.py --gpu and the GPU engine tests                        (150)
+#   store      store_variants.py (warps x register caps, NOTES.md attempt 35) and the
+#              GPU store tests                                                 (200)
 # KVARN_GLUON_DIMS, _FP16_CHUNKS, _SIDE_STREAM and _PAIR (decode_attention.py) pass through to
 # every step.
 set -u
@@ -50,6 +52,7 @@ for step in "$@"; do
                 --variants D256_B16_N16K D64_B1_N32K --out "$RES/variants.json" ;;
     extend) run extend 260 bash -c "$PY -m pytest -q -m gpu tests/kernels/test_extend_attention.py; $PY benchmarks/extend.py --variants --out '$RES/extend.json'" ;;
     engine) run engine 150 bash -c "$PY benchmarks/engine.py --gpu --out '$RES/engine.json' && $PY -m pytest -q -m gpu tests/engine/test_gpu_engine.py" ;;
-    *) echo "unknown step $step (tests kernels breakdown variants extend engine)"; exit 2 ;;
+    store) run store 200 bash -c "$PY benchmarks/store_variants.py '$RES/store_variants.json' && $PY -m pytest -q -m gpu tests/kernels/test_store.py" ;;
+    *) echo "unknown step $step (tests kernels breakdown variants extend engine store)"; exit 2 ;;
   esac
 done

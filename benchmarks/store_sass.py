@@ -5,7 +5,7 @@ normalization loop's instruction count and mix (the loop is the longest backward
 Session 9, triton 3.7.1 (the CPU venv; session 4 counted 1,580 per step with 3.6):
 255 registers and 1,558 instructions per step at 4 warps; 182 and 946 at 8 warps.
 
-    python benchmarks/store_sass.py [--preset kvarn_k4v2_g128] [--d 128] [--warps 4]
+    python benchmarks/store_sass.py [--preset kvarn_k4v2_g128] [--d 128] [--warps 4] [--maxnreg N]
 """
 import argparse
 import collections
@@ -26,6 +26,7 @@ def main():
     ap.add_argument("--preset", default="kvarn_k4v2_g128")
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--maxnreg", type=int, default=None, help="register cap (ptxas spills past it)")
     args = ap.parse_args()
     sys.path.insert(0, ROOT)
     import triton
@@ -59,7 +60,7 @@ def main():
         if n in ptrs or n.startswith("stride_"):      # what the JIT sees at run time
             attrs[(i,)] = [["tt.divisibility", 16]]
     k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=args.warps))
+                       options=dict(num_warps=args.warps, **({"maxnreg": args.maxnreg} if args.maxnreg else {})))
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
@@ -74,10 +75,10 @@ def main():
     ops = loop_ops(sass)
     mix = collections.Counter(ops)
     total = len(re.findall(r"/\*[0-9a-f]{4,}\*/", sass))
-    print(f"triton {triton.__version__}, {args.preset} D={args.d} warps={args.warps}: "
+    print(f"triton {triton.__version__}, {args.preset} D={args.d} warps={args.warps} maxnreg={args.maxnreg}: "
           f"registers {regs[0] if regs else '?'}, static shared {smem[0] if smem else '?'}, "
           f"spill instructions anywhere {sass.count('STL')}, instructions in all {total}")
-    print(f"longest loop: {len(ops)} instructions, BAR {mix['BAR']}")
+    print(f"longest loop: {len(ops)} instructions, BAR {mix['BAR']}, STL {mix['STL']} LDL {mix['LDL']}")
     print("mix: " + ", ".join(f"{op} {n}" for op, n in mix.most_common(16)))
 
 

@@ -20,10 +20,14 @@ from kvarn.kernels.reference import ref_store_tiles
 from kvarn.kernels.store import store_tiles
 from kvarn.quant.records import unpack_record_fields
 
-from kernels import store_inputs     # benchmarks/kernels.py (this folder is sys.path[0])
+from kernels import git_commit, source_sha256, store_inputs   # benchmarks/kernels.py (sys.path[0])
 
-# num_warps; None = the wrapper's default
-VARIANTS = [None, 8]
+# (num_warps, maxnreg); None = the wrapper's default. Session 9 (offline, store_sass.py,
+# triton 3.7.1): 8 warps capped at 128 registers keep the loop spill-free (965
+# instructions per step per thread, 11 spill instructions outside it), so two 8-warp
+# CTAs share an SM (16 warps, against the default's two 4-warp CTAs at 255 registers);
+# 16 warps take 120 registers uncapped (one CTA, 654 per step).
+VARIANTS = [(None, None), (8, None), (8, 128), (16, None)]
 
 
 def biased(kv: torch.Tensor) -> torch.Tensor:
@@ -38,7 +42,8 @@ def biased(kv: torch.Tensor) -> torch.Tensor:
 def main(out_path):
     layers, hkv, d, tokens = 32, 8, 128, 16384
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "command": " ".join(sys.argv), "rows": []}
+           "command": " ".join(sys.argv), "git_commit": git_commit(), "source_sha256": source_sha256(),
+           "rows": []}
     for preset in ("kvarn_k4v2_g128", "kvarn_k4v4_g128"):
         cfg = KVarNConfig.from_name(preset, d)
         kv0, src, dst, m = store_inputs(layers, hkv, d, tokens, cfg)
@@ -49,17 +54,17 @@ def main(out_path):
             torch_ref = torch.zeros_like(ref[:4])
             ref_store_tiles(kv[:4], src, torch_ref, dst, cfg)
             fr = unpack_record_fields(torch_ref.reshape(-1, cfg.record_bytes), cfg)
-            for w in VARIANTS:
+            for w, nreg in VARIANTS:
                 rec = torch.zeros_like(ref)
-                store_tiles(kv, src, rec, dst, cfg, num_warps=w)
+                store_tiles(kv, src, rec, dst, cfg, num_warps=w, maxnreg=nreg)
                 diff = int((rec != ref).sum())
                 fg = unpack_record_fields(rec[:4].reshape(-1, cfg.record_bytes), cfg)
                 ms = None
                 if data == "gaussian":
                     ms = triton.testing.do_bench(
-                        lambda: store_tiles(kv, src, rec, dst, cfg, num_warps=w),
+                        lambda: store_tiles(kv, src, rec, dst, cfg, num_warps=w, maxnreg=nreg),
                         warmup=5, rep=50)
-                row = {"preset": preset, "data": data, "num_warps": w or "default",
+                row = {"preset": preset, "data": data, "num_warps": w or "default", "maxnreg": nreg,
                        "ms": ms, "bytes_differing_from_default": diff,
                        "flips_vs_torch_first4layers": {k: int((fg[k] != fr[k]).sum()) for k in fg},
                        "codes_first4layers": int(fg["k_codes"].numel())}

@@ -175,7 +175,7 @@ def _store_kernel(k_ptr, v_ptr, src_ptr, rec_ptr, dst_ptr,
 
 
 def _launch(k, v, src, records, dst, num_layers, strides_x, strides_r, hkv, cfg: KVarNConfig,
-            num_warps: int | None = None):
+            num_warps: int | None = None, maxnreg: int | None = None):
     m = src.numel()
     if m == 0:
         return
@@ -193,6 +193,7 @@ def _launch(k, v, src, records, dst, num_layers, strides_x, strides_r, hkv, cfg:
         # 4 warps up to 128 x 128 tiles: 10.4 ms vs 18.5 at 8 warps for the 8B 16K-token
         # prompt on an H100 (benchmarks/store_variants.py, NOTES.md attempt 16)
         num_warps=num_warps or (4 if cfg.group_size * cfg.head_dim <= 128 * 128 else 8),
+        **({"maxnreg": maxnreg} if maxnreg else {}),
     )
 
 
@@ -202,12 +203,14 @@ def _check_cfg(cfg):
 
 
 def store_tiles(kv_fp16_all: torch.Tensor, src_blocks: torch.Tensor, records_all: torch.Tensor,
-                dst_blocks: torch.Tensor, cfg: KVarNConfig, num_warps: int | None = None) -> None:
+                dst_blocks: torch.Tensor, cfg: KVarNConfig, num_warps: int | None = None,
+                maxnreg: int | None = None) -> None:
     """Quantize fp16 blocks (rotated frame) into records, every layer at once, in place.
 
     kv_fp16_all fp16 [L, 2, nfp, Hkv, G, D]; records_all uint8 [L, nrec, Hkv, RB];
     src_blocks / dst_blocks [M] integer block ids (same semantics as ``ref_store_tiles``).
-    num_warps: a benchmark knob (default 4 up to 128 x 128 tiles, else 8).
+    num_warps, maxnreg: benchmark knobs (default 4 warps up to 128 x 128 tiles, else 8;
+    no register cap).
     """
     _check_cfg(cfg)
     if kv_fp16_all.dim() != 6 or kv_fp16_all.shape[1] != 2:
@@ -236,7 +239,7 @@ def store_tiles(kv_fp16_all: torch.Tensor, src_blocks: torch.Tensor, records_all
     sx = kv_fp16_all.stride()
     sr = records_all.stride()
     _launch(kv_fp16_all[:, 0], kv_fp16_all[:, 1], src, records_all, dst, num_layers,
-            (sx[0], sx[2], sx[3], sx[4]), (sr[0], sr[1], sr[2]), hkv, cfg, num_warps)
+            (sx[0], sx[2], sx[3], sx[4]), (sr[0], sr[1], sr[2]), hkv, cfg, num_warps, maxnreg)
 
 
 def quantize_blocks_triton(k: torch.Tensor, v: torch.Tensor, cfg: KVarNConfig,

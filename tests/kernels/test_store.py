@@ -117,9 +117,12 @@ def test_store_rejects_bad_arguments():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("launch", [None, (8, 128), (16, None)], ids=lambda x: "default" if x is None else "w%s_r%s" % x)
 @pytest.mark.parametrize("preset,d", CONFIGS)
-def test_store_gpu_large(preset, d):
-    """Many tiles (an 8B-like layer stack, fewer blocks): flip counts stay rare."""
+def test_store_gpu_large(preset, d, launch):
+    """Many tiles (an 8B-like layer stack, fewer blocks): flip counts stay rare, at the
+    default launch and at the ones store_variants.py times."""
+    warps, maxnreg = launch or (None, None)
     cfg = KVarNConfig.from_name(preset, d)
     g = cfg.group_size
     gen = torch.Generator().manual_seed(11)
@@ -130,7 +133,7 @@ def test_store_gpu_large(preset, d):
     ref = torch.zeros(layers, m + 5, hkv, cfg.record_bytes, dtype=torch.uint8)
     ref_store_tiles(kv, src, ref, dst, cfg)
     got = torch.zeros_like(ref).cuda()
-    store_tiles(kv.cuda(), src.cuda(), got, dst.cuda(), cfg)
+    store_tiles(kv.cuda(), src.cuda(), got, dst.cuda(), cfg, num_warps=warps, maxnreg=maxnreg)
     counts = compare_records(got[:, dst.long()], ref[:, dst.long()], cfg)
     n_codes = layers * m * hkv * g * d * 2
     assert counts["k_codes"] + counts["v_codes"] <= n_codes // 20000, counts
