@@ -1,6 +1,7 @@
 """Extend (chunked prefill continuation) attention on the GPU: KVarN vs fp16 paged vs SDPA.
 
-    python benchmarks/extend.py [--out extend.json] [--shapes LABEL ...]
+    python benchmarks/extend.py [--out extend.json] [--shapes LABEL ...] [--variants]
+    python benchmarks/extend.py --plot benchmarks/results/extend_h100_s9.json   # no GPU needed
 
 Each shape (batch, cached prefix, new tokens per sequence; 32 query / 8 KV heads, D 128):
 ``paged_extend_attention`` over a KVarN cache (records for blocks 1 .. prefix/G - 1, the
@@ -89,7 +90,11 @@ def main():
                     help="also time the KVarN kernel at other row tiles and warp counts (session 8: with "
                          "hundreds of new tokens every program re-reads the whole context, so larger "
                          "tiles read it fewer times)")
+    ap.add_argument("--plot", metavar="JSON", help="plot a results file (no GPU needed) and exit")
     args = ap.parse_args()
+    if args.plot:
+        print(plot(args.plot))
+        return
     from kvarn.format import KVarNConfig
     cfg = KVarNConfig.from_name(PRESET, D)
     rows = []
@@ -132,6 +137,42 @@ def main():
               f"fp16 {row['fp16_rel_err']:.2e})", flush=True)
         del case
         torch.cuda.empty_cache()
+
+
+def plot(path: str) -> str:
+    """Per shape: KVarN, our fp16 paged kernel and SDPA (ms, log scale), and each launch
+    variant of the KVarN kernel that a --variants run timed (dots, labelled by rows and
+    warps). Writes the PNG next to the JSON and returns its path."""
+    import os
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    res = json.load(open(path))
+    rows = res["rows"]
+    x = list(range(len(rows)))
+    fig, ax = plt.subplots(figsize=(10, 5))
+    w = 0.25
+    for i, (name, color) in enumerate([("kvarn", "C0"), ("fp16", "C1"), ("sdpa", "C2")]):
+        label = {"kvarn": "KVarN (the default launch at the run)", "fp16": "our fp16 paged", "sdpa": "SDPA fp16"}[name]
+        ax.bar([j + (i - 1) * w for j in x], [r[f"{name}_ms"] for r in rows], w, label=label, color=color)
+    marks = "ov^sD<>p"
+    kinds = sorted({(v["block_m"], v["num_warps"], v.get("num_stages", 2)) for r in rows
+                    for v in r.get("variants", []) if "ms" in v})
+    for k, kind in enumerate(kinds):
+        pts = [(j - w, v["ms"]) for j, r in enumerate(rows) for v in r.get("variants", [])
+               if "ms" in v and (v["block_m"], v["num_warps"], v.get("num_stages", 2)) == kind]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marks[k % len(marks)], color="k", mfc="none",
+                label=f"KVarN, {kind[0]} rows, {kind[1]} warps, {kind[2]} stages")
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (do_bench median, log)")
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{r['shape']}\n({r['batch']} seq, {r['new_tokens']} new)" for r in rows], fontsize=8)
+    ax.set_title(f"extend attention on {res['device']['name']} ({res['kvarn_preset']}, 32/8 heads, D 128)")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    png = os.path.splitext(path)[0] + ".png"
+    fig.savefig(png, dpi=120)
+    return png
 
 
 def _dump(args, rows):
