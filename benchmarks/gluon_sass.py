@@ -40,6 +40,20 @@ def loop_ops(sass: str) -> list:
     return ops
 
 
+def disassemble(compiled) -> tuple:
+    """(SASS text, cuobjdump -res-usage text) of a compiled kernel, with the cuobjdump
+    that the installed Triton ships."""
+    import triton
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        out = [subprocess.run([os.path.join(tools, "cuobjdump"), flag, cubin], capture_output=True,
+                              text=True, check=True).stdout for flag in ("-sass", "-res-usage")]
+    return out[0], out[1]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--d", type=int, default=128, choices=(64, 128, 256))
@@ -56,15 +70,7 @@ def main():
     maxnreg = args.maxnreg if args.maxnreg is not None else maxnreg
     ahead = args.ahead if args.ahead is not None else ahead
     k = compile_record_kernel(m, args.qh, args.d, maxnreg, ahead, hints=True, pair=args.pair)
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "k.cubin")
-        with open(cubin, "wb") as f:
-            f.write(k.asm["cubin"])
-        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", cubin], capture_output=True,
-                              text=True, check=True).stdout
-        res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin], capture_output=True,
-                             text=True, check=True).stdout
+    sass, res = disassemble(k)
     regs = re.findall(r"REG:(\d+)", res)
     ops = loop_ops(sass)
     mix = collections.Counter(ops)

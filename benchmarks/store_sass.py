@@ -1,5 +1,5 @@
 """The store kernel's machine code, offline (no GPU): ``_store_kernel`` compiled for
-sm_90a by the installed Triton (3.6, as on the GPU machine) with the JIT's alignment
+sm_90a by the installed Triton (the GPU machine has 3.6) with the JIT's alignment
 hints, disassembled with the cuobjdump Triton ships. Prints registers, spills and the
 normalization loop's instruction count and mix (the loop is the longest backward branch).
 Session 9, triton 3.7.1 (the CPU venv; session 4 counted 1,580 per step with 3.6):
@@ -12,11 +12,9 @@ import collections
 import inspect
 import os
 import re
-import subprocess
 import sys
-import tempfile
 
-from gluon_sass import loop_ops      # this folder is sys.path[0]
+from gluon_sass import disassemble, loop_ops      # this folder is sys.path[0]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,15 +59,7 @@ def main():
             attrs[(i,)] = [["tt.divisibility", 16]]
     k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=args.warps, **({"maxnreg": args.maxnreg} if args.maxnreg else {})))
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "k.cubin")
-        with open(cubin, "wb") as f:
-            f.write(k.asm["cubin"])
-        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", cubin], capture_output=True,
-                              text=True, check=True).stdout
-        res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin], capture_output=True,
-                             text=True, check=True).stdout
+    sass, res = disassemble(k)
     regs = re.findall(r"REG:(\d+)", res)
     smem = re.findall(r"SHARED:(\d+)", res)
     ops = loop_ops(sass)
