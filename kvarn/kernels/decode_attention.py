@@ -942,9 +942,11 @@ GLUON_AUTO_DIMS = tuple(int(x) for x in os.environ.get("KVARN_GLUON_DIMS", "64,1
 # KVARN_GLUON_FP16_CHUNKS=0: one fp16 program per sequence and KV head.
 GLUON_FP16_CHUNKS = os.environ.get("KVARN_GLUON_FP16_CHUNKS", "1") == "1"
 GLUON_SIDE_STREAM = os.environ.get("KVARN_GLUON_SIDE_STREAM", "graph")
-# session 8, not yet run on a GPU: the Gluon kernel's PAIR loop (two records per
-# iteration, two independent chains per warp; D 64 and 128 only, decode_gluon.LAUNCH_PAIR),
-# aimed at small batches where the record kernel has few warps per SM. KVARN_GLUON_PAIR=1.
+# the Gluon kernel's PAIR loop (two records per iteration, two independent chains per
+# warp; D 64 and 128 only, decode_gluon.LAUNCH_PAIR), aimed at small batches where the
+# record kernel has few warps per SM. KVARN_GLUON_PAIR=1. GPU-tested in session 9 but
+# off: the record kernel alone 5-7% faster at B1 N32K, slower at N128K and D 64, and
+# under graph replay with the side stream 29% slower (NOTES.md attempt 31).
 GLUON_PAIR = os.environ.get("KVARN_GLUON_PAIR", "0") == "1"
 
 

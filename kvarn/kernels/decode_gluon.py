@@ -33,7 +33,7 @@ Scales are folded (as ``_record_tile``): codes enter centered (c - 8, c - 2); ks
 (per record), kz' = kz + 8 ks as a per-head constant sum_d q kz', kt on the score rows,
 vs into p, vz' = vz + 2 vs as the per-head sum_t p vz', vch on the output rows.
 
-With PAIR (opt-in, session 8) the loop takes two records per iteration: both score
+With PAIR (opt-in, session 8; off: slower in session 9's GPU runs) the loop takes two records per iteration: both score
 tiles, one joint softmax update, both value products, so one warp holds two independent
 chains (for small batches, where few warps share an SM).
 
@@ -74,7 +74,8 @@ def _flat_layout(shape, reg, lane):
 # N16K): 255 registers, 8 programs (232: 0.174 ms, 200: 0.182, 168: 0.193 with the
 # prefetch); no prefetch, 0.154 ms against 0.166 with one record ahead.
 LAUNCH = {64: (128, 16, 1), 128: (168, 12, 1), 256: (255, 8, 0)}
-# PAIR=True (two records per loop iteration; session 8, not yet run on a GPU): (register
+# PAIR=True (two records per loop iteration; session 8, GPU-tested in session 9 and left
+# off: slower under graph replay, NOTES.md attempt 31): (register
 # cap, programs per SM). Offline sm_90a with the JIT's alignment hints
 # (benchmarks/gluon_sass.py --pair): D 128 245 registers without a spill at a 255 cap
 # (4,448 instructions per two records against 2 x 2,319), D 64 168 without a spill. At
