@@ -33,9 +33,10 @@ Scales are folded (as ``_record_tile``): codes enter centered (c - 8, c - 2); ks
 (per record), kz' = kz + 8 ks as a per-head constant sum_d q kz', kt on the score rows,
 vs into p, vz' = vz + 2 vs as the per-head sum_t p vz', vch on the output rows.
 
-With PAIR (opt-in, session 8; off: slower in session 9's GPU runs) the loop takes two records per iteration: both score
-tiles, one joint softmax update, both value products, so one warp holds two independent
-chains (for small batches, where few warps share an SM).
+With PAIR (opt-in, session 8; off, as slower in session 9's GPU runs) the loop takes two
+records per iteration: both score tiles, one joint softmax update, both value products,
+so one warp holds two independent chains (for small batches, where few warps share an
+SM).
 
 The kernel covers the records of a (sequence, KV head, split) and writes a partial
 (o, lse) like the Triton kernel's splits (lse -inf where a split holds no record); the
