@@ -7,6 +7,8 @@ scales differ by rounding. The tests bound how many, and check that nothing else
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -116,6 +118,21 @@ def test_store_rejects_bad_arguments():
         quantize_blocks_triton(kv[0, 0].float(), kv[0, 0].float(), cfg)
 
 
+@functools.lru_cache(maxsize=1)
+def _large_case(preset, d):
+    """The large case's inputs and torch-reference records, made once per config (the
+    CPU reference takes seconds; the launches of test_store_gpu_large share it)."""
+    cfg = KVarNConfig.from_name(preset, d)
+    gen = torch.Generator().manual_seed(11)
+    layers, hkv, m = 4, 8, 24
+    kv = kv_like((layers, 2, m + 3, hkv, cfg.group_size), d, gen)
+    src = torch.randperm(m + 3, generator=gen)[:m].int()
+    dst = torch.randperm(m + 5, generator=gen)[:m].int()
+    ref = torch.zeros(layers, m + 5, hkv, cfg.record_bytes, dtype=torch.uint8)
+    ref_store_tiles(kv, src, ref, dst, cfg)
+    return kv, src, dst, ref
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("launch", [None, (8, 128), (16, None)], ids=lambda x: "default" if x is None else "w%s_r%s" % x)
 @pytest.mark.parametrize("preset,d", CONFIGS)
@@ -125,13 +142,8 @@ def test_store_gpu_large(preset, d, launch):
     warps, maxnreg = launch or (None, None)
     cfg = KVarNConfig.from_name(preset, d)
     g = cfg.group_size
-    gen = torch.Generator().manual_seed(11)
     layers, hkv, m = 4, 8, 24
-    kv = kv_like((layers, 2, m + 3, hkv, g), d, gen)
-    src = torch.randperm(m + 3, generator=gen)[:m].int()
-    dst = torch.randperm(m + 5, generator=gen)[:m].int()
-    ref = torch.zeros(layers, m + 5, hkv, cfg.record_bytes, dtype=torch.uint8)
-    ref_store_tiles(kv, src, ref, dst, cfg)
+    kv, src, dst, ref = _large_case(preset, d)
     got = torch.zeros_like(ref).cuda()
     store_tiles(kv.cuda(), src.cuda(), got, dst.cuda(), cfg, num_warps=warps, maxnreg=maxnreg)
     counts = compare_records(got[:, dst.long()], ref[:, dst.long()], cfg)
