@@ -23,7 +23,7 @@ from test_decode_attention import (  # noqa: E402  (same folder; pytest puts it 
 
 
 def run_case(preset, d, qh, lens, q_lens, block_m=None, hkv=2, seed=0, g_fp16=64, num_warps=None,
-             num_stages=None):
+             num_stages=None, check_ref_op=True):
     cfg = KVarNConfig.from_name(preset, d) if preset else None
     g = cfg.group_size if cfg else g_fp16
     kv, records, bt, ctx = build_paged_cache(cfg, lens, q_lens, hkv, d, g, seed=seed)
@@ -37,6 +37,8 @@ def run_case(preset, d, qh, lens, q_lens, block_m=None, hkv=2, seed=0, g_fp16=64
                                  num_warps=num_warps, num_stages=num_stages)
     ref, t16 = fp32_and_fp16_oracles(q, kv, records, bt, ctx, cu, cfg, 1.0 / math.sqrt(d))
     assert_close_to_reference(out, ref, t16)
+    if not check_ref_op:       # the reference op does not depend on the kernel's launch
+        return
     ref_op = ref_paged_attention(q.cpu(), kv.cpu(), None if records is None else records.cpu(),
                                  bt.cpu(), ctx.cpu(), cu_t.cpu(), cfg)
     assert (ref_op.float() - ref).norm() <= (out.float().cpu() - ref).norm() * 4 + 1e-3
@@ -80,4 +82,5 @@ def test_extend_gpu_large(preset, d, qh, lens, q_lens, launch):
     """Large ragged batches, at the default launch and the row tiles / warps / stages
     that extend.py --variants times."""
     block_m, warps, stages = launch or (None, None, None)
-    run_case(preset, d, qh, lens, q_lens, block_m, hkv=4, seed=7, num_warps=warps, num_stages=stages)
+    run_case(preset, d, qh, lens, q_lens, block_m, hkv=4, seed=7, num_warps=warps, num_stages=stages,
+             check_ref_op=launch is None)
