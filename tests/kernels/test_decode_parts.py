@@ -1,6 +1,6 @@
 """The Gluon path's Triton pieces, on the CPU interpreter: ``_fp16_chunk_kernel`` (the
 fp16 sink and tail blocks in chunks of keys, one partial each) and the channel-slice
-merge ``_merge_parts_kernel``. The record partials, which the Gluon kernel writes on the
+merge ``_merge_chunks_kernel`` (``merge_partials``). The record partials, which the Gluon kernel writes on the
 GPU (test_decode_gluon.py), are made here by torch from the dequantized records, so the
 merged output is the whole decode attention and is held to run_case's bar.
 """
