@@ -512,6 +512,18 @@ def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, pls
 
 
 @triton.jit
+def _merge_rows(po_ptr, part, ok, lse, mx, out_row, D: tl.constexpr):
+    """out_row[:D] = sum_s 2^(lse_s - mx) po[part_s] / sum_s 2^(lse_s - mx) over the
+    partials where ok (zeros where none is)."""
+    offs_d = tl.arange(0, D)
+    w = tl.where(ok, tl.exp2(lse - mx), 0.0)
+    o = tl.load(po_ptr + part[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+    den = tl.sum(w, axis=0)
+    res = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
+    tl.store(out_row + offs_d, res.to(out_row.dtype.element_ty))
+
+
+@triton.jit
 def _merge_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, HQ, num_splits,
                   G: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr):
     """out[b, h] = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) over the splits that ran."""
@@ -522,17 +534,12 @@ def _merge_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, HQ, 
     bps = tl.maximum(tl.cdiv(n_blocks, num_splits), 1)
     n_used = tl.cdiv(n_blocks, bps)
     s = tl.arange(0, SPLITS_P2)
-    offs_d = tl.arange(0, D)
     ok = s < n_used
     part = (b * HQ + h) * num_splits + s
     lse = tl.load(plse_ptr + part, mask=ok, other=float("-inf"))
     mx = tl.max(lse, axis=0)
     mx = tl.where(n_used > 0, mx, 0.0)
-    w = tl.where(ok, tl.exp2(lse - mx), 0.0)
-    o = tl.load(po_ptr + part[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-    den = tl.sum(w, axis=0)
-    res = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
+    _merge_rows(po_ptr, part, ok, lse, mx, out_ptr + b * stride_ob + h * stride_oh, D)
 
 
 @triton.jit
@@ -545,17 +552,12 @@ def _merge_parts_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh
     h = tl.program_id(1)
     n_ctx = tl.load(ctx_ptr + b)
     s = tl.arange(0, PARTS_P2)
-    offs_d = tl.arange(0, D)
     ok = (s < num_parts - 1) | ((s == num_parts - 1) & (n_ctx > 0))
     part = (b * HQ + h) * num_parts + s
     lse = tl.load(plse_ptr + part, mask=ok, other=float("-inf"))
     mx = tl.max(lse, axis=0)
     mx = tl.where(mx > float("-inf"), mx, 0.0)
-    w = tl.where(ok, tl.exp2(lse - mx), 0.0)
-    o = tl.load(po_ptr + part[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-    den = tl.sum(w, axis=0)
-    res = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
+    _merge_rows(po_ptr, part, ok, lse, mx, out_ptr + b * stride_ob + h * stride_oh, D)
 
 
 @triton.jit
