@@ -9,6 +9,8 @@
 #              chunk/merge tests of test_decode_parts.py on the GPU            (540)
 #              (session 9 on a fresh H100: 265 s; session 9 then added 20 extend and
 #              8 store launch cases, so allow more)
+#   tests_rest the tests step without test_extend_attention.py and test_store.py, for a
+#              call that runs the extend and store steps (they test those files)  (420)
 #   kernels    kernels.py --check, every shape, graph replay of the B1 rows    (300)
 #   breakdown  decode_breakdown.py (per-kernel time at small batches), then again
 #              with session 7's fp16 part (chunks and side stream off) and with
@@ -44,6 +46,7 @@ run() {   # run NAME LIMIT CMD...
 for step in "$@"; do
   case $step in
     tests) run tests 540 bash -c "$PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py tests/kernels && $PY -m pytest -q tests/kernels/test_decode_parts.py" ;;
+    tests_rest) run tests_rest 420 bash -c "$PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py tests/kernels --ignore tests/kernels/test_extend_attention.py --ignore tests/kernels/test_store.py && $PY -m pytest -q tests/kernels/test_decode_parts.py" ;;
     kernels) run kernels 300 $PY benchmarks/kernels.py --check \
                --graph-latency B1_N4K B1_N32K B1_N128K B16_N16K D64_B1_N32K --out "$RES/kernels.json" ;;
     breakdown) run breakdown 240 bash -c "$PY benchmarks/decode_breakdown.py --out '$RES/breakdown.json' --gluon-launch 64 192 \
@@ -54,6 +57,6 @@ for step in "$@"; do
     extend) run extend 260 bash -c "$PY -m pytest -q -m gpu tests/kernels/test_extend_attention.py; $PY benchmarks/extend.py --variants --out '$RES/extend.json'" ;;
     engine) run engine 150 bash -c "$PY benchmarks/engine.py --gpu --out '$RES/engine.json' && $PY -m pytest -q -m gpu tests/engine/test_gpu_engine.py" ;;
     store) run store 200 bash -c "$PY benchmarks/store_variants.py '$RES/store_variants.json' && $PY -m pytest -q -m gpu tests/kernels/test_store.py" ;;
-    *) echo "unknown step $step (tests kernels breakdown variants extend engine store)"; exit 2 ;;
+    *) echo "unknown step $step (tests tests_rest kernels breakdown variants extend engine store)"; exit 2 ;;
   esac
 done
