@@ -57,7 +57,7 @@ class ExtendCase:
         self.n, self.n_rec = n, n_rec
 
     def run(self, which, **launch):
-        """launch: block_m / num_warps / num_stages for the paged kernel (default: its own)."""
+        """launch: kernel / block_m / num_warps / num_stages for the paged kernel (default: its own)."""
         from kvarn.kernels.extend_attention import paged_extend_attention
         if which == "kvarn":
             return paged_extend_attention(self.q, self.kv, self.records, self.bt, self.lens, self.cu, self.cfg,
@@ -116,20 +116,26 @@ def main():
             # the first sweep (64/128 rows x 4/8 warps, 256 at 8; session 9, results/extend_h100_s9.json):
             # 64 rows at 4 warps 1.5-1.7x faster than at 8 with hundreds of new tokens,
             # 128 rows 2.5-4x slower, 256 does not compile (ptxas: out of registers).
-            # The default is now 64 rows at 4 warps; next: 8 warps again (the old default),
-            # a third pipeline stage, and smaller programs (the launches
-            # test_extend_gpu_large checks).
-            for block_m, warps, stages in [(64, 8, 2), (64, 4, 3), (32, 4, 2), (32, 2, 2), (16, 2, 2)]:
-                kw = dict(block_m=block_m, num_warps=warps, num_stages=stages)
+            # The "rows" default is now 64 rows at 4 warps; then 8 warps again (the old
+            # default), a third pipeline stage and smaller programs; and the "fa" kernel
+            # (session 10: query rows on the MMA's M side, records dequantized once per
+            # program), on both caches. The launches test_extend_gpu_large checks.
+            for which, kernel, block_m, warps, stages in [
+                    ("kvarn", "rows", 64, 8, 2), ("kvarn", "rows", 64, 4, 3), ("kvarn", "rows", 32, 4, 2),
+                    ("kvarn", "rows", 32, 2, 2), ("kvarn", "rows", 16, 2, 2),
+                    ("kvarn", "fa", None, None, None), ("kvarn", "fa", 128, 4, 2), ("kvarn", "fa", 64, 4, 2),
+                    ("kvarn", "fa", 128, 8, 3), ("fp16", "fa", None, None, None), ("fp16", "fa", 128, 8, 3)]:
+                kw = dict(kernel=kernel, block_m=block_m, num_warps=warps, num_stages=stages)
                 try:
-                    diff = (case.run("kvarn", **kw).float() - base).abs().max().item()
-                    ms = bench(lambda: case.run("kvarn", **kw), rep=100)
+                    ref = base if which == "kvarn" else case.run("fp16").float()
+                    diff = (case.run(which, **kw).float() - ref).abs().max().item()
+                    ms = bench(lambda: case.run(which, **kw), rep=100)
                 except Exception as e:    # a tile that does not compile or fit: record it, go on
-                    row["variants"].append({**kw, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                    row["variants"].append({"cache": which, **kw, "error": f"{type(e).__name__}: {str(e)[:200]}"})
                     continue
-                row["variants"].append({**kw, "ms": ms, "max_abs_diff_vs_default": diff})
-                print(f"    block_m {block_m} warps {warps} stages {stages}: {ms:.4f} ms (diff {diff:.1e})",
-                      flush=True)
+                row["variants"].append({"cache": which, **kw, "ms": ms, "max_abs_diff_vs_default": diff})
+                print(f"    {which} {kernel} block_m {block_m} warps {warps} stages {stages}: {ms:.4f} ms "
+                      f"(diff {diff:.1e})", flush=True)
         rows.append(row)
         _dump(args, rows)      # after every shape, so that a run cut off keeps what it measured
         print(f"{label:14s} kvarn {row['kvarn_ms']:.4f} fp16 {row['fp16_ms']:.4f} sdpa {row['sdpa_ms']:.4f} ms "
@@ -140,9 +146,10 @@ def main():
 
 
 def plot(path: str) -> str:
-    """Per shape: KVarN, our fp16 paged kernel and SDPA (ms, log scale), and each launch
-    variant of the KVarN kernel that a --variants run timed (dots, labelled by rows and
-    warps). Writes the PNG next to the JSON and returns its path."""
+    """Per shape: KVarN, our fp16 paged kernel and SDPA (ms, log scale), and each kernel /
+    launch variant that a --variants run timed (markers over the KVarN bar, or the fp16
+    bar for the fp16 cache's; black the "rows" kernel, red "fa"). Writes the PNG next to
+    the JSON and returns its path."""
     import os
     import matplotlib
     matplotlib.use("Agg")
@@ -155,14 +162,17 @@ def plot(path: str) -> str:
     for i, (name, color) in enumerate([("kvarn", "C0"), ("fp16", "C1"), ("sdpa", "C2")]):
         label = {"kvarn": "KVarN (the default launch at the run)", "fp16": "our fp16 paged", "sdpa": "SDPA fp16"}[name]
         ax.bar([j + (i - 1) * w for j in x], [r[f"{name}_ms"] for r in rows], w, label=label, color=color)
-    marks = "ov^sD<>p"
-    kinds = sorted({(v["block_m"], v["num_warps"], v.get("num_stages", 2)) for r in rows
-                    for v in r.get("variants", []) if "ms" in v})
+    marks = "ov^sD<>ph*xX"
+    kind_of = lambda v: (v.get("cache", "kvarn"), v.get("kernel", "rows"), v["block_m"], v["num_warps"],
+                         v.get("num_stages", 2))
+    kinds = sorted({kind_of(v) for r in rows for v in r.get("variants", []) if "ms" in v}, key=str)
     for k, kind in enumerate(kinds):
-        pts = [(j - w, v["ms"]) for j, r in enumerate(rows) for v in r.get("variants", [])
-               if "ms" in v and (v["block_m"], v["num_warps"], v.get("num_stages", 2)) == kind]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marks[k % len(marks)], color="k", mfc="none",
-                label=f"KVarN, {kind[0]} rows, {kind[1]} warps, {kind[2]} stages")
+        pts = [(j + (-w if kind[0] == "kvarn" else 0), v["ms"]) for j, r in enumerate(rows)
+               for v in r.get("variants", []) if "ms" in v and kind_of(v) == kind]
+        launch = "default launch" if kind[2] is None else f"{kind[2]} rows, {kind[3]} warps, {kind[4]} stages"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marks[k % len(marks)],
+                color="k" if kind[1] == "rows" else "C3", mfc="none",
+                label=f"{'KVarN' if kind[0] == 'kvarn' else 'fp16'} {kind[1]}, {launch}")
     ax.set_yscale("log")
     ax.set_ylabel("ms (do_bench median, log)")
     ax.set_xticks(x)

@@ -28,6 +28,7 @@ Tiling:
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -40,10 +41,15 @@ from kvarn.kernels.decode_attention import (
     _code_order,
     _fp16_blocks,
     _record_tile,
+    _scale_zero,
+    _unpack_words,
     check_paged_args,
     fp16_block_n,
     record_constexprs,
 )
+
+# The default extend kernel ("rows" or "fa"; see paged_extend_attention).
+EXTEND_KERNEL = os.environ.get("KVARN_EXTEND_KERNEL", "rows")
 
 
 @triton.jit
@@ -114,14 +120,168 @@ def _extend_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, cu_ptr, out_ptr, qk_
              o.to(out_ptr.dtype.element_ty), mask=row_ok[None, :])
 
 
+@triton.jit
+def _fa_softmax(s, m, l):
+    """Scores s [rows, keys] (log2 units) -> p, the rescale alpha, the new max and sum."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, alpha, m_new, l * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def _fa_fp16_range(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb, j0, j1, row_pos, n_ctx, v_cols,
+                   G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """fp16 key tiles j0 .. j1-1 of BLOCK_N keys (block j // (G / BLOCK_N)), causal.
+
+    FlashAttention orientation: q16 [M, D], acc [M, D]; K^T [D, BLOCK_N] and V
+    [BLOCK_N, D] straight from the paged pool. V's columns come in the order v_cols
+    (a KVarN record's permuted channel order, or 0 .. D-1), so one accumulator holds
+    both kinds of tile. Key t is visible to row r iff t <= row_pos[r]; V rows at or past
+    n_ctx were never written: masked to 0 so that garbage cannot turn p = 0 into NaN.
+    """
+    SUB: tl.constexpr = G // BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    for j in range(j0, j1):
+        blk = tl.load(bt + j // SUB).to(tl.int64)
+        k_ptr = fp_head + blk * stride_fb + (j % SUB) * (BLOCK_N * D)
+        key = j * BLOCK_N + offs_n
+        kt = tl.load(k_ptr + offs_n[None, :] * D + offs_d[:, None])                  # [D, N]
+        s = tl.dot(q16, kt)                                                           # [M, N]
+        s = tl.where(key[None, :] <= row_pos[:, None], s, float("-inf"))
+        p, alpha, m, l = _fa_softmax(s, m, l)
+        v = tl.load(k_ptr + stride_kv + offs_n[:, None] * D + v_cols[None, :],
+                    mask=(key < n_ctx)[:, None], other=0.0)                           # [N, D]
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, m, l
+
+
+@triton.jit
+def _fa_record(acc, m, l, q16, rec, k_tok, v_chan, magic, G: tl.constexpr, D: tl.constexpr,
+               K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+               OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KZ: tl.constexpr,
+               OFF_KT: tl.constexpr, OFF_VC: tl.constexpr, OFF_VCH: tl.constexpr,
+               OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr):
+    """One KVarN record (every key visible to every row), in pieces of HALF tokens:
+    the codes are dequantized once per program into fp16 K^T [D, HALF] and V [HALF, D]
+    tiles with every scale folded in (what an fp16 cache would hold, up to fp16
+    rounding), which the two dots then take as their shared-memory operands:
+
+        K^T[d, t] = ((ck - C) ks[d] + kz[d] + C ks[d]) kt[t]
+        V[t, c]   = ((cv - C) vs[t] + vz[t] + C vs[t]) vch[c]      (c in v_chan order)
+
+    Score column i of piece h is token h * HALF + k_tok[i]; acc column c is channel
+    v_chan[c] (``_code_order``), as in the fp16 tiles' v_cols.
+    """
+    offs_d = tl.arange(0, D)
+    rec16 = rec.to(tl.pointer_type(tl.float16))
+    rec32 = rec.to(tl.pointer_type(tl.int32))
+    HALF: tl.constexpr = k_tok.shape[0]
+    KW: tl.constexpr = G * K_BITS // 32
+    KWH: tl.constexpr = HALF * K_BITS // 32
+    VW: tl.constexpr = D * V_BITS // 32
+    ks, kz = _scale_zero(rec16, offs_d, K_BITS, OFF_KS, OFF_KZ)
+    vch = tl.load(rec16 + OFF_VCH // 2 + v_chan)
+    for h in tl.static_range(G // HALF):
+        tok = h * HALF + k_tok
+        kt = tl.load(rec16 + OFF_KT // 2 + tok)
+        kw = tl.load(rec32 + OFF_KC // 4 + offs_d[:, None] * KW + h * KWH + tl.arange(0, KWH)[None, :])
+        kd = (_unpack_words(kw, K_BITS, magic) * ks[:, None] + kz[:, None]) * kt[None, :]   # [D, HALF]
+        s = tl.dot(q16, kd)                                                                # [M, HALF]
+        p, alpha, m, l = _fa_softmax(s, m, l)
+        vs, vz = _scale_zero(rec16, tok, V_BITS, OFF_VS, OFF_VZ)
+        vw = tl.load(rec32 + OFF_VC // 4 + tok[:, None] * VW + tl.arange(0, VW)[None, :])
+        vd = (_unpack_words(vw, V_BITS, magic) * vs[:, None] + vz[:, None]) * vch[None, :]  # [HALF, D]
+        acc = tl.dot(p.to(tl.float16), vd, acc * alpha[:, None])
+    return acc, m, l
+
+
+@triton.jit
+def _extend_fa_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, cu_ptr, out_ptr, qk_scale, magic,
+                      stride_qt, stride_qh, stride_kv, stride_fb, stride_fh,
+                      stride_rb, stride_rh, stride_bt, stride_ot, stride_oh,
+                      QH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+                      G: tl.constexpr, BLOCK_N: tl.constexpr, REC_SUB: tl.constexpr, D: tl.constexpr,
+                      IS_KVARN: tl.constexpr,
+                      K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+                      OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KZ: tl.constexpr,
+                      OFF_KT: tl.constexpr, OFF_VC: tl.constexpr, OFF_VCH: tl.constexpr,
+                      OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr):
+    """``_extend_kernel``'s grid, rows and key ranges, FlashAttention-oriented: query
+    rows are the MMA's M side (q16 [BLOCK_M, D] held once, fp16), keys its N side."""
+    pid_q = tl.program_id(0)
+    kvh = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(cu_ptr + b)
+    n_q = tl.load(cu_ptr + b + 1) - q_start
+    if pid_q * BLOCK_T >= n_q:
+        return
+    n_ctx = tl.load(ctx_ptr + b)
+    prefix = n_ctx - n_q
+
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    tok = pid_q * BLOCK_T + rows // QH
+    head = kvh * QH + rows % QH
+    row_ok = (rows < BLOCK_T * QH) & (tok < n_q)
+    row_pos = prefix + tl.minimum(tok, n_q - 1)
+    if IS_KVARN:
+        k_tok = _code_order(REC_SUB, K_BITS)
+        v_cols = _code_order(D, V_BITS)
+    else:
+        k_tok = tl.arange(0, REC_SUB)
+        v_cols = offs_d
+    q = tl.load(q_ptr + (q_start + tok)[:, None].to(tl.int64) * stride_qt
+                + head[:, None] * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q16 = (q.to(tl.float32) * qk_scale).to(q.dtype)                       # [M, D]
+    m = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+
+    last_tok = tl.minimum((pid_q + 1) * BLOCK_T, n_q) - 1
+    end = (prefix + last_tok) // G + 1
+    bt = bt_ptr + b.to(tl.int64) * stride_bt
+    fp_head = kv_ptr + kvh.to(tl.int64) * stride_fh
+    n_rec = 0
+    if IS_KVARN:
+        n_rec = tl.maximum(prefix // G - 1, 0)
+    SUB: tl.constexpr = G // BLOCK_N
+    last_sub = (prefix + last_tok) // BLOCK_N + 1
+    acc, m, l = _fa_fp16_range(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb,     # the sink
+                               0, tl.minimum(SUB, last_sub), row_pos, n_ctx, v_cols, G, BLOCK_N, D)
+    if IS_KVARN:
+        rec_head = rec_ptr + kvh.to(tl.int64) * stride_rh
+        for i in range(1, tl.minimum(end, n_rec + 1)):
+            blk = tl.load(bt + i).to(tl.int64)
+            acc, m, l = _fa_record(acc, m, l, q16, rec_head + blk * stride_rb, k_tok, v_cols, magic,
+                                   G, D, K_BITS, V_BITS, OFF_KC, OFF_KS, OFF_KZ, OFF_KT,
+                                   OFF_VC, OFF_VCH, OFF_VS, OFF_VZ)
+    acc, m, l = _fa_fp16_range(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb,     # fp16, causal
+                               tl.maximum(n_rec + 1, 1) * SUB, last_sub, row_pos, n_ctx, v_cols,
+                               G, BLOCK_N, D)
+
+    o = acc / tl.where(l > 0, l, 1.0)[:, None]
+    tl.store(out_ptr + (q_start + tok)[:, None].to(tl.int64) * stride_ot
+             + head[:, None] * stride_oh + v_cols[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
 def paged_extend_attention(q, kv_fp16, records, block_tables, context_lens, cu_seqlens_q,
                            cfg: KVarNConfig | None, sm_scale: float | None = None,
                            max_q_len: int | None = None, block_m: int | None = None,
-                           num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                           num_warps: int | None = None, num_stages: int | None = None,
+                           kernel: str | None = None) -> torch.Tensor:
     """Causal attention of new tokens q [T_total, Hq, D] over paged caches -> [T_total, Hq, D].
 
     ``ref_paged_attention`` semantics. max_q_len (a Python int) sizes the grid; without
     it the wrapper reads cu_seqlens_q back from the device (one sync).
+
+    kernel: "rows" (``_extend_kernel``: the decode kernel's transposed tiles, query rows
+    on the MMA's N side) or "fa" (``_extend_fa_kernel``: query rows on the M side,
+    records dequantized once per program into fp16 operand tiles); None:
+    ``EXTEND_KERNEL`` (env ``KVARN_EXTEND_KERNEL``). block_m / num_warps / num_stages:
+    the launch (None: the kernel's default for the shape).
     """
     hkv, g, d = check_paged_args(q, kv_fp16, records, block_tables, context_lens, cfg, 3)
     t_total, hq, _ = q.shape
@@ -139,30 +299,38 @@ def paged_extend_attention(q, kv_fp16, records, block_tables, context_lens, cu_s
     if max_q_len <= 0:
         return out
     qh = hq // hkv
+    kernel = EXTEND_KERNEL if kernel is None else kernel
+    if kernel not in ("rows", "fa"):
+        raise ValueError(f"kernel must be 'rows' or 'fa', got {kernel!r}")
+    fa = kernel == "fa"
     if block_m is None:
-        block_m = 64 if d <= 128 else 32
+        block_m = (128 if d <= 128 else 64) if fa else (64 if d <= 128 else 32)
     block_m = max(16, triton.next_power_of_2(qh), block_m)
     block_t = block_m // qh
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
     rec = records if records is not None else kv_fp16
     srb, srh = (records.stride(0), records.stride(1)) if records is not None else (0, 0)
     if num_warps is None:
-        # k4v2_g128 at D 128, 64 rows: 4 warps 1.53-1.67x faster than 8 with hundreds of
-        # new tokens, output bit-identical to 8 warps' on all five shapes (H100,
-        # results/extend_h100_s9.json; 8% slower with 8 new tokens x 16 sequences). Other
-        # presets, head dims and the fp16 cache were neither timed nor GPU-tested at 4
-        # warps: 8 as before.
-        measured = (cfg is not None and (cfg.k_bits, cfg.v_bits, cfg.group_size) == (4, 2, 128)
-                    and d == 128 and block_m == 64)
-        num_warps = 4 if measured else 8
+        if fa:
+            num_warps = 8 if block_m * d >= 128 * 128 else 4
+        else:
+            # k4v2_g128 at D 128, 64 rows: 4 warps 1.53-1.67x faster than 8 with hundreds of
+            # new tokens, output bit-identical to 8 warps' on all five shapes (H100,
+            # results/extend_h100_s9.json; 8% slower with 8 new tokens x 16 sequences). Other
+            # presets, head dims and the fp16 cache were neither timed nor GPU-tested at 4
+            # warps: 8 as before.
+            measured = (cfg is not None and (cfg.k_bits, cfg.v_bits, cfg.group_size) == (4, 2, 128)
+                        and d == 128 and block_m == 64)
+            num_warps = 4 if measured else 8
     if num_stages is None:
         num_stages = 2
     grid = (triton.cdiv(max_q_len, block_t), hkv, bsz)
-    _extend_kernel[grid](
+    (_extend_fa_kernel if fa else _extend_kernel)[grid](
         q, kv_fp16, rec, block_tables, context_lens, cu_seqlens_q, out, scale * LOG2E, FP16_MAGIC,
         q.stride(0), q.stride(1), kv_fp16.stride(0), kv_fp16.stride(1), kv_fp16.stride(2),
         srb, srh, block_tables.stride(0), out.stride(0), out.stride(1),
-        QH=qh, BLOCK_M=block_m, BLOCK_T=block_t, G=g, BLOCK_N=fp16_block_n(g, d), REC_SUB=min(g, 64), D=d,
+        QH=qh, BLOCK_M=block_m, BLOCK_T=block_t, G=g,
+        BLOCK_N=min(g, 64) if fa else fp16_block_n(g, d), REC_SUB=min(g, 64), D=d,
         **record_constexprs(cfg),
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -23,7 +23,7 @@ from test_decode_attention import (  # noqa: E402  (same folder; pytest puts it 
 
 
 def run_case(preset, d, qh, lens, q_lens, block_m=None, hkv=2, seed=0, g_fp16=64, num_warps=None,
-             num_stages=None, check_ref_op=True):
+             num_stages=None, check_ref_op=True, kernel=None):
     cfg = KVarNConfig.from_name(preset, d) if preset else None
     g = cfg.group_size if cfg else g_fp16
     kv, records, bt, ctx = build_paged_cache(cfg, lens, q_lens, hkv, d, g, seed=seed)
@@ -34,7 +34,7 @@ def run_case(preset, d, qh, lens, q_lens, block_m=None, hkv=2, seed=0, g_fp16=64
     q = torch.randn(cu[-1], hkv * qh, d, generator=torch.Generator().manual_seed(seed + 1)).half().to(DEVICE)
     out = paged_extend_attention(q, kv, records, bt, ctx, cu_t, cfg, block_m=block_m,
                                  max_q_len=max(q_lens) if seed % 2 else None,
-                                 num_warps=num_warps, num_stages=num_stages)
+                                 num_warps=num_warps, num_stages=num_stages, kernel=kernel)
     ref, t16 = fp32_and_fp16_oracles(q, kv, records, bt, ctx, cu, cfg, 1.0 / math.sqrt(d))
     assert_close_to_reference(out, ref, t16)
     if not check_ref_op:       # the reference op does not depend on the kernel's launch
@@ -59,14 +59,23 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("kernel", ["rows", "fa"])
 @pytest.mark.parametrize("preset,d,qh,lens,q_lens,block_m", CASES)
-def test_extend_matches_reference(preset, d, qh, lens, q_lens, block_m):
-    run_case(preset, d, qh, lens, q_lens, block_m, seed=len(lens))
+def test_extend_matches_reference(preset, d, qh, lens, q_lens, block_m, kernel):
+    run_case(preset, d, qh, lens, q_lens, block_m, seed=len(lens), kernel=kernel)
+    if kernel == "fa" and block_m is not None:     # and at the fa kernel's own default tile
+        run_case(preset, d, qh, lens, q_lens, None, seed=len(lens), kernel=kernel, check_ref_op=False)
 
 
-def test_extend_empty_sequences():
+@pytest.mark.parametrize("kernel", ["rows", "fa"])
+def test_extend_empty_sequences(kernel):
     """Sequences with no new tokens in the batch are skipped, others unaffected."""
-    run_case("kvarn_k4v2_g64", 64, 2, [130, 70, 65], [0, 6, 0], 16, seed=2)
+    run_case("kvarn_k4v2_g64", 64, 2, [130, 70, 65], [0, 6, 0], 16, seed=2, kernel=kernel)
+
+
+def test_extend_kernel_name_checked():
+    with pytest.raises(ValueError, match="kernel must be"):
+        run_case(None, 64, 1, [5], [5], kernel="flash")
 
 
 @pytest.mark.gpu
@@ -76,11 +85,14 @@ def test_extend_empty_sequences():
     ("kvarn_k4v4_g128", 256, 8, [3000, 129], [257, 1]),
     (None, 128, 4, [4096, 777], [1024, 700]),
 ])
-@pytest.mark.parametrize("launch", [None, (64, 8, 2), (64, 4, 3), (32, 4, 2), (32, 2, 2), (16, 2, 2)],
-                         ids=lambda x: "default" if x is None else "m%d_w%d_s%d" % x)
+@pytest.mark.parametrize("launch", [None, ("rows", 64, 8, 2), ("rows", 64, 4, 3), ("rows", 32, 4, 2),
+                                    ("rows", 32, 2, 2), ("rows", 16, 2, 2),
+                                    ("fa", None, None, None), ("fa", 128, 4, 2), ("fa", 64, 4, 2),
+                                    ("fa", 128, 8, 3)],
+                         ids=lambda x: "default" if x is None else "%s_m%s_w%s_s%s" % x)
 def test_extend_gpu_large(preset, d, qh, lens, q_lens, launch):
-    """Large ragged batches, at the default launch and the row tiles / warps / stages
-    that extend.py --variants times."""
-    block_m, warps, stages = launch or (None, None, None)
+    """Large ragged batches, at the default launch and the kernels / row tiles / warps /
+    stages that extend.py --variants times."""
+    kernel, block_m, warps, stages = launch or (None, None, None, None)
     run_case(preset, d, qh, lens, q_lens, block_m, hkv=4, seed=7, num_warps=warps, num_stages=stages,
-             check_ref_op=launch is None)
+             check_ref_op=launch is None, kernel=kernel)
