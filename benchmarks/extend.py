@@ -26,6 +26,7 @@ SHAPES = [  # (label, batch, prefix, new tokens)
     ("B1_P4K_T2K", 1, 4096, 2048),
     ("B4_P8K_T256", 4, 8192, 256),
     ("B16_P4K_T8", 16, 4096, 8),       # speculative verify: 8 drafted tokens
+    ("B32_P8K_T16", 32, 8192, 16),     # 16 drafted tokens: 64 rows, where "auto" turns to "fa"
     ("B64_P16K_T4", 64, 16384, 4),
 ]
 HQ, HKV, D = 32, 8, 128
@@ -87,9 +88,8 @@ def main():
     ap.add_argument("--out", default="extend.json")
     ap.add_argument("--shapes", nargs="*")
     ap.add_argument("--variants", action="store_true",
-                    help="also time the KVarN kernel at other row tiles and warp counts (session 8: with "
-                         "hundreds of new tokens every program re-reads the whole context, so larger "
-                         "tiles read it fewer times)")
+                    help="also time both kernels (rows, fa) at other row tiles, warp counts and stages, "
+                         "on both caches")
     ap.add_argument("--plot", metavar="JSON", help="plot a results file (no GPU needed) and exit")
     args = ap.parse_args()
     if args.plot:
@@ -113,18 +113,17 @@ def main():
         if args.variants:
             base = case.run("kvarn").float()
             row["variants"] = []
-            # the first sweep (64/128 rows x 4/8 warps, 256 at 8; session 9, results/extend_h100_s9.json):
-            # 64 rows at 4 warps 1.5-1.7x faster than at 8 with hundreds of new tokens,
-            # 128 rows 2.5-4x slower, 256 does not compile (ptxas: out of registers).
-            # The "rows" default is now 64 rows at 4 warps; then 8 warps again (the old
-            # default), a third pipeline stage and smaller programs; and the "fa" kernel
-            # (session 10: query rows on the MMA's M side, records dequantized once per
-            # program), on both caches. The launches test_extend_gpu_large checks.
+            # session 9 (results/extend_h100_s9.json): 64 rows at 4 warps 1.5-1.7x faster than
+            # at 8, 128 rows 2.5-4x slower, 256 does not compile. Session 10 (s10.json): the
+            # "fa" kernel 2x faster than "rows" with hundreds of new tokens, rows at 16-32
+            # rows best with 4-8; the default is now "auto" (extend_launch) and these are
+            # the launches it chooses between and their neighbours, on both caches (the
+            # launches test_extend_gpu_large checks).
             for which, kernel, block_m, warps, stages in [
-                    ("kvarn", "rows", 64, 8, 2), ("kvarn", "rows", 64, 4, 3), ("kvarn", "rows", 32, 4, 2),
-                    ("kvarn", "rows", 32, 2, 2), ("kvarn", "rows", 16, 2, 2),
+                    ("kvarn", "rows", 64, 4, 3), ("kvarn", "rows", 32, 4, 2), ("kvarn", "rows", 16, 2, 2),
                     ("kvarn", "fa", None, None, None), ("kvarn", "fa", 128, 4, 2), ("kvarn", "fa", 64, 4, 2),
-                    ("kvarn", "fa", 128, 8, 3), ("fp16", "fa", None, None, None), ("fp16", "fa", 128, 8, 3)]:
+                    ("kvarn", "fa", 128, 8, 3), ("fp16", "rows", 64, 4, 3), ("fp16", "rows", 16, 2, 2),
+                    ("fp16", "fa", None, None, None)]:
                 kw = dict(kernel=kernel, block_m=block_m, num_warps=warps, num_stages=stages)
                 try:
                     ref = base if which == "kvarn" else case.run("fp16").float()

@@ -28,3 +28,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_memcheck():
+    """Under the Triton interpreter, every kernel's loads and stores are bounds-checked
+    against the tensors of its launch (tests/memcheck.py): a pointer bug fails on the CPU
+    instead of reading host memory that happens to be there."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    from memcheck import checked
+    with checked():
+        yield

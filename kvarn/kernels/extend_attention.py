@@ -24,6 +24,12 @@ Tiling:
 
         keys:  block 0 (sink, fp16) | records 1 .. n_rec | fp16 blocks .. last needed
                n_rec = max(prefix // G - 1, 0)              ^ (prefix + last token) // G
+
+Two kernels share this grid, rows and key ranges: ``_extend_kernel`` ("rows") keeps
+the decode kernel's transposed tiles (rows on the MMA's N side, dequantization folded
+into the dots), best for a few new tokens per sequence; ``_extend_fa_kernel`` ("fa")
+puts rows on the M side and dequantizes each record once per program into fp16 K / V
+operand tiles, best for many. ``extend_launch`` picks one by shape.
 """
 from __future__ import annotations
 
@@ -48,8 +54,8 @@ from kvarn.kernels.decode_attention import (
     record_constexprs,
 )
 
-# The default extend kernel ("rows" or "fa"; see paged_extend_attention).
-EXTEND_KERNEL = os.environ.get("KVARN_EXTEND_KERNEL", "rows")
+# The default extend kernel: "auto" (``extend_launch``'s choice by shape), "rows" or "fa".
+EXTEND_KERNEL = os.environ.get("KVARN_EXTEND_KERNEL", "auto")
 
 
 @triton.jit
@@ -278,10 +284,11 @@ def paged_extend_attention(q, kv_fp16, records, block_tables, context_lens, cu_s
     it the wrapper reads cu_seqlens_q back from the device (one sync).
 
     kernel: "rows" (``_extend_kernel``: the decode kernel's transposed tiles, query rows
-    on the MMA's N side) or "fa" (``_extend_fa_kernel``: query rows on the M side,
-    records dequantized once per program into fp16 operand tiles); None:
-    ``EXTEND_KERNEL`` (env ``KVARN_EXTEND_KERNEL``). block_m / num_warps / num_stages:
-    the launch (None: the kernel's default for the shape).
+    on the MMA's N side), "fa" (``_extend_fa_kernel``: query rows on the M side,
+    records dequantized once per program into fp16 operand tiles) or "auto" (by the
+    rows a program needs: ``extend_launch``); None: ``EXTEND_KERNEL`` (env
+    ``KVARN_EXTEND_KERNEL``, default "auto"). block_m / num_warps / num_stages: the
+    launch (None: ``extend_launch``'s choice for the shape).
     """
     hkv, g, d = check_paged_args(q, kv_fp16, records, block_tables, context_lens, cfg, 3)
     t_total, hq, _ = q.shape
@@ -299,31 +306,13 @@ def paged_extend_attention(q, kv_fp16, records, block_tables, context_lens, cu_s
     if max_q_len <= 0:
         return out
     qh = hq // hkv
-    kernel = EXTEND_KERNEL if kernel is None else kernel
-    if kernel not in ("rows", "fa"):
-        raise ValueError(f"kernel must be 'rows' or 'fa', got {kernel!r}")
+    kernel, block_m, num_warps, num_stages = extend_launch(max_q_len, qh, d, cfg, kernel, block_m,
+                                                           num_warps, num_stages)
     fa = kernel == "fa"
-    if block_m is None:
-        block_m = (128 if d <= 128 else 64) if fa else (64 if d <= 128 else 32)
-    block_m = max(16, triton.next_power_of_2(qh), block_m)
     block_t = block_m // qh
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
     rec = records if records is not None else kv_fp16
     srb, srh = (records.stride(0), records.stride(1)) if records is not None else (0, 0)
-    if num_warps is None:
-        if fa:
-            num_warps = 8 if block_m * d >= 128 * 128 else 4
-        else:
-            # k4v2_g128 at D 128, 64 rows: 4 warps 1.53-1.67x faster than 8 with hundreds of
-            # new tokens, output bit-identical to 8 warps' on all five shapes (H100,
-            # results/extend_h100_s9.json; 8% slower with 8 new tokens x 16 sequences). Other
-            # presets, head dims and the fp16 cache were neither timed nor GPU-tested at 4
-            # warps: 8 as before.
-            measured = (cfg is not None and (cfg.k_bits, cfg.v_bits, cfg.group_size) == (4, 2, 128)
-                        and d == 128 and block_m == 64)
-            num_warps = 4 if measured else 8
-    if num_stages is None:
-        num_stages = 2
     grid = (triton.cdiv(max_q_len, block_t), hkv, bsz)
     (_extend_fa_kernel if fa else _extend_kernel)[grid](
         q, kv_fp16, rec, block_tables, context_lens, cu_seqlens_q, out, scale * LOG2E, FP16_MAGIC,
@@ -335,3 +324,47 @@ def paged_extend_attention(q, kv_fp16, records, block_tables, context_lens, cu_s
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
+
+
+def extend_launch(max_q_len: int, qh: int, d: int, cfg: KVarNConfig | None, kernel: str | None = None,
+                  block_m: int | None = None, num_warps: int | None = None,
+                  num_stages: int | None = None) -> tuple[str, int, int, int]:
+    """(kernel, block_m, num_warps, num_stages) for a batch: what is given, the rest chosen.
+
+    kernel "auto" (the default, ``EXTEND_KERNEL``) picks by the rows one program needs,
+    R = next_pow2(max_q_len * qh), at least 16 (H100, k4v2_g128, D 128, 4 query heads per
+    KV head; results/extend_h100_s10.json):
+
+        R <= 32    "rows", R rows, 2 warps at 16, 4 at 32: the fewest idle rows (64
+                   sequences x 4 new tokens: 16 rows 1.28 ms, fa at 64 rows 1.57, the
+                   old default of 64 rows 3.21; 16 x 8: 32 rows 0.207, fa 0.201)
+        R >= 64    "fa", 128 rows at 8 warps (64 at D 256, or where R is 64): the records
+                   dequantized once per program for 32 tokens x 4 heads (hundreds of new
+                   tokens: 0.78-1.32 ms against rows' 1.55-1.79)
+    """
+    kernel = EXTEND_KERNEL if kernel is None else kernel
+    if kernel not in ("auto", "rows", "fa"):
+        raise ValueError(f"kernel must be 'auto', 'rows' or 'fa', got {kernel!r}")
+    need = max(16, triton.next_power_of_2(max(1, max_q_len) * qh))
+    if kernel == "auto":
+        kernel = "rows" if need <= 32 else "fa"
+        if block_m is None:
+            block_m = need if kernel == "rows" else min(need, 128 if d <= 128 else 64)
+    fa = kernel == "fa"
+    if block_m is None:
+        block_m = (128 if d <= 128 else 64) if fa else (64 if d <= 128 else 32)
+    block_m = max(16, triton.next_power_of_2(qh), block_m)
+    if num_warps is None:
+        if fa:
+            num_warps = 8 if block_m * d >= 128 * 128 else 4
+        elif block_m <= 32:
+            num_warps = 2 if block_m == 16 else 4
+        else:
+            # k4v2_g128 at D 128, 64 rows: 4 warps 1.53-1.67x faster than 8 with hundreds of
+            # new tokens, output bit-identical to 8 warps' on all five shapes (H100,
+            # results/extend_h100_s9.json; 8% slower with 8 new tokens x 16 sequences). Other
+            # presets, head dims and the fp16 cache were not timed at 4 warps: 8 as before.
+            measured = (cfg is not None and (cfg.k_bits, cfg.v_bits, cfg.group_size) == (4, 2, 128)
+                        and d == 128 and block_m == 64)
+            num_warps = 4 if measured else 8
+    return kernel, block_m, num_warps, 2 if num_stages is None else num_stages

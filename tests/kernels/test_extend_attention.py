@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kvarn.format import KVarNConfig
-from kvarn.kernels.extend_attention import paged_extend_attention
+from kvarn.kernels.extend_attention import extend_launch, paged_extend_attention
 from kvarn.kernels.reference import ref_paged_attention
 from test_decode_attention import (  # noqa: E402  (same folder; pytest puts it on sys.path)
     DEVICE,
@@ -67,6 +67,33 @@ def test_extend_matches_reference(preset, d, qh, lens, q_lens, block_m, kernel):
         run_case(preset, d, qh, lens, q_lens, None, seed=len(lens), kernel=kernel, check_ref_op=False)
 
 
+@pytest.mark.parametrize("preset,d,qh,lens,q_lens", [
+    ("kvarn_k4v2_g64", 64, 3, [200, 130], [5, 1]),         # 15 rows -> rows, 16
+    ("kvarn_k4v2_g128", 128, 4, [300, 129], [8, 3]),       # 32 rows -> rows, 32
+    ("kvarn_k4v4_g64", 128, 4, [200, 70], [13, 2]),        # 52 -> fa, 64
+    (None, 64, 3, [150], [90]),                            # 270 -> fa, 128
+])
+def test_extend_auto(preset, d, qh, lens, q_lens):
+    """The default launch (kernel "auto") on shapes that take each of its branches."""
+    run_case(preset, d, qh, lens, q_lens, seed=3, kernel="auto", check_ref_op=False)
+
+
+def test_extend_launch_choices():
+    cfg = KVarNConfig.from_name("kvarn_k4v2_g128", 128)
+    assert extend_launch(4, 4, 128, cfg, "auto") == ("rows", 16, 2, 2)
+    assert extend_launch(5, 3, 64, None, "auto") == ("rows", 16, 2, 2)
+    assert extend_launch(8, 4, 128, cfg, "auto") == ("rows", 32, 4, 2)
+    assert extend_launch(16, 4, 128, cfg, "auto") == ("fa", 64, 4, 2)
+    assert extend_launch(512, 4, 128, cfg, "auto") == ("fa", 128, 8, 2)
+    assert extend_launch(512, 8, 256, None, "auto") == ("fa", 64, 8, 2)
+    assert extend_launch(1, 32, 128, cfg, "auto") == ("rows", 32, 4, 2)    # MHA-like GQA 32, decode
+    assert extend_launch(1, 64, 128, cfg, "auto") == ("fa", 64, 4, 2)
+    # what is given is kept; the rest follows the kernel's rules
+    assert extend_launch(512, 4, 128, cfg, "rows") == ("rows", 64, 4, 2)
+    assert extend_launch(512, 4, 128, cfg, "fa", block_m=64, num_stages=3) == ("fa", 64, 4, 3)
+    assert extend_launch(2, 4, 128, cfg, "auto", num_warps=8) == ("rows", 16, 8, 2)
+
+
 @pytest.mark.parametrize("kernel", ["rows", "fa"])
 def test_extend_empty_sequences(kernel):
     """Sequences with no new tokens in the batch are skipped, others unaffected."""
@@ -84,9 +111,12 @@ def test_extend_kernel_name_checked():
     ("kvarn_k4v2_g64", 64, 3, [5000, 64], [1000, 64]),
     ("kvarn_k4v4_g128", 256, 8, [3000, 129], [257, 1]),
     (None, 128, 4, [4096, 777], [1024, 700]),
+    # few new tokens (speculative verify, decode-like rows): "auto" takes the rows kernel
+    ("kvarn_k4v2_g128", 128, 4, [9000, 4100, 300], [4, 1, 3]),
+    ("kvarn_k4v2_g64", 64, 3, [5000, 700, 64], [9, 2, 7]),
+    ("kvarn_k4v4_g128", 256, 8, [3000, 129], [2, 4]),
 ])
-@pytest.mark.parametrize("launch", [None, ("rows", 64, 8, 2), ("rows", 64, 4, 3), ("rows", 32, 4, 2),
-                                    ("rows", 32, 2, 2), ("rows", 16, 2, 2),
+@pytest.mark.parametrize("launch", [None, ("rows", 64, 4, 3), ("rows", 32, 4, 2), ("rows", 16, 2, 2),
                                     ("fa", None, None, None), ("fa", 128, 4, 2), ("fa", 64, 4, 2),
                                     ("fa", 128, 8, 3)],
                          ids=lambda x: "default" if x is None else "%s_m%s_w%s_s%s" % x)
