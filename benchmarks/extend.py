@@ -119,12 +119,14 @@ def main():
             # rows best with 4-8; the default is now "auto" (extend_launch) and these are
             # the launches it chooses between and their neighbours, on both caches (the
             # launches test_extend_gpu_large checks).
-            for which, kernel, block_m, warps, stages in [
-                    ("kvarn", "rows", 64, 4, 3), ("kvarn", "rows", 32, 4, 2), ("kvarn", "rows", 16, 2, 2),
-                    ("kvarn", "fa", None, None, None), ("kvarn", "fa", 128, 4, 2), ("kvarn", "fa", 64, 4, 2),
-                    ("kvarn", "fa", 128, 8, 3), ("fp16", "rows", 64, 4, 3), ("fp16", "rows", 16, 2, 2),
-                    ("fp16", "fa", None, None, None)]:
-                kw = dict(kernel=kernel, block_m=block_m, num_warps=warps, num_stages=stages)
+            for which, kernel, block_m, warps, stages, ws in [
+                    ("kvarn", "rows", 64, 4, 3, None), ("kvarn", "rows", 32, 4, 2, None),
+                    ("kvarn", "rows", 16, 2, 2, None), ("kvarn", "fa", None, None, None, False),
+                    ("kvarn", "fa", None, None, None, True), ("kvarn", "fa", 128, 4, 2, None),
+                    ("kvarn", "fa", 64, 4, 2, None), ("kvarn", "fa", 128, 8, 3, None),
+                    ("fp16", "rows", 64, 4, 3, None), ("fp16", "rows", 16, 2, 2, None),
+                    ("fp16", "fa", None, None, None, None)]:
+                kw = dict(kernel=kernel, block_m=block_m, num_warps=warps, num_stages=stages, workspace=ws)
                 try:
                     ref = base if which == "kvarn" else case.run("fp16").float()
                     diff = (case.run(which, **kw).float() - ref).abs().max().item()
@@ -133,7 +135,8 @@ def main():
                     row["variants"].append({"cache": which, **kw, "error": f"{type(e).__name__}: {str(e)[:200]}"})
                     continue
                 row["variants"].append({"cache": which, **kw, "ms": ms, "max_abs_diff_vs_default": diff})
-                print(f"    {which} {kernel} block_m {block_m} warps {warps} stages {stages}: {ms:.4f} ms "
+                print(f"    {which} {kernel} block_m {block_m} warps {warps} stages {stages} workspace {ws}: "
+                      f"{ms:.4f} ms "
                       f"(diff {diff:.1e})", flush=True)
         rows.append(row)
         _dump(args, rows)      # after every shape, so that a run cut off keeps what it measured
@@ -161,14 +164,16 @@ def plot(path: str) -> str:
     for i, (name, color) in enumerate([("kvarn", "C0"), ("fp16", "C1"), ("sdpa", "C2")]):
         label = {"kvarn": "KVarN (the default launch at the run)", "fp16": "our fp16 paged", "sdpa": "SDPA fp16"}[name]
         ax.bar([j + (i - 1) * w for j in x], [r[f"{name}_ms"] for r in rows], w, label=label, color=color)
-    marks = "ov^sD<>ph*xX"
+    marks = "ov^sD<>ph*xXd+"
     kind_of = lambda v: (v.get("cache", "kvarn"), v.get("kernel", "rows"), v["block_m"], v["num_warps"],
-                         v.get("num_stages", 2))
+                         v.get("num_stages", 2), v.get("workspace"))
     kinds = sorted({kind_of(v) for r in rows for v in r.get("variants", []) if "ms" in v}, key=str)
     for k, kind in enumerate(kinds):
         pts = [(j + (-w if kind[0] == "kvarn" else 0), v["ms"]) for j, r in enumerate(rows)
                for v in r.get("variants", []) if "ms" in v and kind_of(v) == kind]
         launch = "default launch" if kind[2] is None else f"{kind[2]} rows, {kind[3]} warps, {kind[4]} stages"
+        if kind[5] is not None:
+            launch += ", workspace" if kind[5] else ", no workspace"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marks[k % len(marks)],
                 color="k" if kind[1] == "rows" else "C3", mfc="none",
                 label=f"{'KVarN' if kind[0] == 'kvarn' else 'fp16'} {kind[1]}, {launch}")

@@ -137,8 +137,10 @@ def _fa_softmax(s, m, l):
 
 @triton.jit
 def _fa_fp16_range(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb, j0, j1, row_pos, n_ctx, v_cols,
-                   G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+                   G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DIRECT: tl.constexpr = False):
     """fp16 key tiles j0 .. j1-1 of BLOCK_N keys (block j // (G / BLOCK_N)), causal.
+    The block's id is bt[j // SUB], or with DIRECT bt + j // SUB itself (an int: the
+    dequantized-prefix workspace, where a sequence's blocks are consecutive).
 
     FlashAttention orientation: q16 [M, D], acc [M, D]; K^T [D, BLOCK_N] and V
     [BLOCK_N, D] straight from the paged pool. V's columns come in the order v_cols
@@ -150,7 +152,10 @@ def _fa_fp16_range(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb, j0, j1, ro
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     for j in range(j0, j1):
-        blk = tl.load(bt + j // SUB).to(tl.int64)
+        if DIRECT:
+            blk = (bt + j // SUB).to(tl.int64)
+        else:
+            blk = tl.load(bt + j // SUB).to(tl.int64)
         k_ptr = fp_head + blk * stride_fb + (j % SUB) * (BLOCK_N * D)
         key = j * BLOCK_N + offs_n
         kt = tl.load(k_ptr + offs_n[None, :] * D + offs_d[:, None])                  # [D, N]
@@ -161,6 +166,33 @@ def _fa_fp16_range(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb, j0, j1, ro
                     mask=(key < n_ctx)[:, None], other=0.0)                           # [N, D]
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, m, l
+
+
+@triton.jit
+def _deq_k_piece(rec16, rec32, ks, kz, k_tok, h, magic, G: tl.constexpr, D: tl.constexpr,
+                 K_BITS: tl.constexpr, OFF_KC: tl.constexpr, OFF_KT: tl.constexpr):
+    """Piece h of a record's K, dequantized: K^T [D, HALF] fp16, column i = token
+    h * HALF + k_tok[i]. ks, kz: ``_scale_zero``'s per-channel scale and centered zero."""
+    offs_d = tl.arange(0, D)
+    HALF: tl.constexpr = k_tok.shape[0]
+    KW: tl.constexpr = G * K_BITS // 32
+    KWH: tl.constexpr = HALF * K_BITS // 32
+    kt = tl.load(rec16 + OFF_KT // 2 + h * HALF + k_tok)
+    kw = tl.load(rec32 + OFF_KC // 4 + offs_d[:, None] * KW + h * KWH + tl.arange(0, KWH)[None, :])
+    return (_unpack_words(kw, K_BITS, magic) * ks[:, None] + kz[:, None]) * kt[None, :]
+
+
+@triton.jit
+def _deq_v_piece(rec16, rec32, vch, k_tok, h, magic, D: tl.constexpr, V_BITS: tl.constexpr,
+                 OFF_VC: tl.constexpr, OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr):
+    """Piece h of a record's V, dequantized: [HALF, D] fp16, row i = token h * HALF +
+    k_tok[i], column c = channel v_chan[c] (vch: v_chan's channel scales)."""
+    HALF: tl.constexpr = k_tok.shape[0]
+    VW: tl.constexpr = D * V_BITS // 32
+    tok = h * HALF + k_tok
+    vs, vz = _scale_zero(rec16, tok, V_BITS, OFF_VS, OFF_VZ)
+    vw = tl.load(rec32 + OFF_VC // 4 + tok[:, None] * VW + tl.arange(0, VW)[None, :])
+    return (_unpack_words(vw, V_BITS, magic) * vs[:, None] + vz[:, None]) * vch[None, :]
 
 
 @triton.jit
@@ -184,38 +216,69 @@ def _fa_record(acc, m, l, q16, rec, k_tok, v_chan, magic, G: tl.constexpr, D: tl
     rec16 = rec.to(tl.pointer_type(tl.float16))
     rec32 = rec.to(tl.pointer_type(tl.int32))
     HALF: tl.constexpr = k_tok.shape[0]
-    KW: tl.constexpr = G * K_BITS // 32
-    KWH: tl.constexpr = HALF * K_BITS // 32
-    VW: tl.constexpr = D * V_BITS // 32
     ks, kz = _scale_zero(rec16, offs_d, K_BITS, OFF_KS, OFF_KZ)
     vch = tl.load(rec16 + OFF_VCH // 2 + v_chan)
     for h in tl.static_range(G // HALF):
-        tok = h * HALF + k_tok
-        kt = tl.load(rec16 + OFF_KT // 2 + tok)
-        kw = tl.load(rec32 + OFF_KC // 4 + offs_d[:, None] * KW + h * KWH + tl.arange(0, KWH)[None, :])
-        kd = (_unpack_words(kw, K_BITS, magic) * ks[:, None] + kz[:, None]) * kt[None, :]   # [D, HALF]
+        kd = _deq_k_piece(rec16, rec32, ks, kz, k_tok, h, magic, G, D, K_BITS, OFF_KC, OFF_KT)
         s = tl.dot(q16, kd)                                                                # [M, HALF]
         p, alpha, m, l = _fa_softmax(s, m, l)
-        vs, vz = _scale_zero(rec16, tok, V_BITS, OFF_VS, OFF_VZ)
-        vw = tl.load(rec32 + OFF_VC // 4 + tok[:, None] * VW + tl.arange(0, VW)[None, :])
-        vd = (_unpack_words(vw, V_BITS, magic) * vs[:, None] + vz[:, None]) * vch[None, :]  # [HALF, D]
+        vd = _deq_v_piece(rec16, rec32, vch, k_tok, h, magic, D, V_BITS, OFF_VC, OFF_VS, OFF_VZ)
         acc = tl.dot(p.to(tl.float16), vd, acc * alpha[:, None])
     return acc, m, l
+
+
+@triton.jit
+def _dequant_prefix_kernel(rec_ptr, bt_ptr, ctx_ptr, cu_ptr, ws_ptr, magic,
+                           stride_rb, stride_rh, stride_bt, stride_wkv, stride_wb, max_blocks,
+                           G: tl.constexpr, REC_SUB: tl.constexpr, D: tl.constexpr,
+                           K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+                           OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KZ: tl.constexpr,
+                           OFF_KT: tl.constexpr, OFF_VC: tl.constexpr, OFF_VCH: tl.constexpr,
+                           OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr):
+    """Record i = pid0 + 1 of sequence b, KV head pid1 -> fp16 K / V in the workspace
+    ws [2, B * max_blocks, Hkv, G, D] at block b * max_blocks + i, in the layout and
+    channel order of an fp16 cache block (what ``_fa_record`` would compute from it)."""
+    i = tl.program_id(0) + 1
+    kvh = tl.program_id(1)
+    b = tl.program_id(2)
+    n_q = tl.load(cu_ptr + b + 1) - tl.load(cu_ptr + b)
+    n_rec = tl.maximum((tl.load(ctx_ptr + b) - n_q) // G - 1, 0)
+    if (i > n_rec) | (n_q <= 0):
+        return
+    offs_d = tl.arange(0, D)
+    k_tok = _code_order(REC_SUB, K_BITS)
+    v_chan = _code_order(D, V_BITS)
+    blk = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + i).to(tl.int64)
+    rec = rec_ptr + kvh.to(tl.int64) * stride_rh + blk * stride_rb
+    rec16 = rec.to(tl.pointer_type(tl.float16))
+    rec32 = rec.to(tl.pointer_type(tl.int32))
+    ks, kz = _scale_zero(rec16, offs_d, K_BITS, OFF_KS, OFF_KZ)
+    vch = tl.load(rec16 + OFF_VCH // 2 + v_chan)
+    out = ws_ptr + (b.to(tl.int64) * max_blocks + i) * stride_wb + kvh * (G * D)
+    for h in tl.static_range(G // REC_SUB):
+        tok = h * REC_SUB + k_tok
+        kd = _deq_k_piece(rec16, rec32, ks, kz, k_tok, h, magic, G, D, K_BITS, OFF_KC, OFF_KT)
+        tl.store(out + tok[None, :] * D + offs_d[:, None], kd)
+        vd = _deq_v_piece(rec16, rec32, vch, k_tok, h, magic, D, V_BITS, OFF_VC, OFF_VS, OFF_VZ)
+        tl.store(out + stride_wkv + tok[:, None] * D + v_chan[None, :], vd)
 
 
 @triton.jit
 def _extend_fa_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, cu_ptr, out_ptr, qk_scale, magic,
                       stride_qt, stride_qh, stride_kv, stride_fb, stride_fh,
                       stride_rb, stride_rh, stride_bt, stride_ot, stride_oh,
+                      ws_ptr, stride_wkv, stride_wb, max_blocks,
                       QH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
                       G: tl.constexpr, BLOCK_N: tl.constexpr, REC_SUB: tl.constexpr, D: tl.constexpr,
-                      IS_KVARN: tl.constexpr,
+                      IS_KVARN: tl.constexpr, WS: tl.constexpr,
                       K_BITS: tl.constexpr, V_BITS: tl.constexpr,
                       OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KZ: tl.constexpr,
                       OFF_KT: tl.constexpr, OFF_VC: tl.constexpr, OFF_VCH: tl.constexpr,
                       OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr):
     """``_extend_kernel``'s grid, rows and key ranges, FlashAttention-oriented: query
-    rows are the MMA's M side (q16 [BLOCK_M, D] held once, fp16), keys its N side."""
+    rows are the MMA's M side (q16 [BLOCK_M, D] held once, fp16), keys its N side.
+    WS: the records were dequantized beforehand into the workspace ws_ptr
+    (``_dequant_prefix_kernel``), read here as fp16 blocks."""
     pid_q = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2)
@@ -256,7 +319,12 @@ def _extend_fa_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, cu_ptr, out_ptr, 
     last_sub = (prefix + last_tok) // BLOCK_N + 1
     acc, m, l = _fa_fp16_range(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb,     # the sink
                                0, tl.minimum(SUB, last_sub), row_pos, n_ctx, v_cols, G, BLOCK_N, D)
-    if IS_KVARN:
+    if WS:
+        acc, m, l = _fa_fp16_range(acc, m, l, q16, b.to(tl.int64) * max_blocks,
+                                   ws_ptr + kvh.to(tl.int64) * (G * D), stride_wkv, stride_wb,
+                                   SUB, tl.minimum(end, n_rec + 1) * SUB, row_pos, n_ctx, v_cols,
+                                   G, BLOCK_N, D, True)
+    elif IS_KVARN:
         rec_head = rec_ptr + kvh.to(tl.int64) * stride_rh
         for i in range(1, tl.minimum(end, n_rec + 1)):
             blk = tl.load(bt + i).to(tl.int64)
@@ -277,7 +345,7 @@ def paged_extend_attention(q, kv_fp16, records, block_tables, context_lens, cu_s
                            cfg: KVarNConfig | None, sm_scale: float | None = None,
                            max_q_len: int | None = None, block_m: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None,
-                           kernel: str | None = None) -> torch.Tensor:
+                           kernel: str | None = None, workspace: bool | None = None) -> torch.Tensor:
     """Causal attention of new tokens q [T_total, Hq, D] over paged caches -> [T_total, Hq, D].
 
     ``ref_paged_attention`` semantics. max_q_len (a Python int) sizes the grid; without
@@ -289,6 +357,11 @@ def paged_extend_attention(q, kv_fp16, records, block_tables, context_lens, cu_s
     rows a program needs: ``extend_launch``); None: ``EXTEND_KERNEL`` (env
     ``KVARN_EXTEND_KERNEL``, default "auto"). block_m / num_warps / num_stages: the
     launch (None: ``extend_launch``'s choice for the shape).
+
+    workspace (the "fa" kernel over a KVarN cache): dequantize every sequence's records
+    once per KV head into an fp16 workspace first (``_dequant_prefix_kernel``; B x
+    max_blocks x Hkv x G x D x 4 bytes), instead of once per program. None: when more
+    than one program per KV head reads each record (``use_workspace``).
     """
     hkv, g, d = check_paged_args(q, kv_fp16, records, block_tables, context_lens, cfg, 3)
     t_total, hq, _ = q.shape
@@ -314,16 +387,50 @@ def paged_extend_attention(q, kv_fp16, records, block_tables, context_lens, cu_s
     rec = records if records is not None else kv_fp16
     srb, srh = (records.stride(0), records.stride(1)) if records is not None else (0, 0)
     grid = (triton.cdiv(max_q_len, block_t), hkv, bsz)
-    (_extend_fa_kernel if fa else _extend_kernel)[grid](
-        q, kv_fp16, rec, block_tables, context_lens, cu_seqlens_q, out, scale * LOG2E, FP16_MAGIC,
-        q.stride(0), q.stride(1), kv_fp16.stride(0), kv_fp16.stride(1), kv_fp16.stride(2),
-        srb, srh, block_tables.stride(0), out.stride(0), out.stride(1),
-        QH=qh, BLOCK_M=block_m, BLOCK_T=block_t, G=g,
-        BLOCK_N=min(g, 64) if fa else fp16_block_n(g, d), REC_SUB=min(g, 64), D=d,
-        **record_constexprs(cfg),
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    args = (q, kv_fp16, rec, block_tables, context_lens, cu_seqlens_q, out, scale * LOG2E, FP16_MAGIC,
+            q.stride(0), q.stride(1), kv_fp16.stride(0), kv_fp16.stride(1), kv_fp16.stride(2),
+            srb, srh, block_tables.stride(0), out.stride(0), out.stride(1))
+    consts = dict(QH=qh, BLOCK_M=block_m, BLOCK_T=block_t, G=g,
+                  BLOCK_N=min(g, 64) if fa else fp16_block_n(g, d), REC_SUB=min(g, 64), D=d,
+                  **record_constexprs(cfg))
+    if not fa:
+        if workspace:
+            raise ValueError("workspace=True needs the 'fa' kernel")
+        _extend_kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        return out
+    if workspace is None:
+        workspace = use_workspace(cfg, grid[0], bsz, block_tables.shape[1], hkv, g, d)
+    ws = None
+    if workspace and cfg is not None:
+        max_blocks = block_tables.shape[1]
+        ws = torch.empty(2, bsz * max_blocks, hkv, g, d, dtype=kv_fp16.dtype, device=q.device)
+        _dequant_prefix_kernel[(max(max_blocks - 1, 1), hkv, bsz)](
+            records, block_tables, context_lens, cu_seqlens_q, ws, FP16_MAGIC,
+            srb, srh, block_tables.stride(0), ws.stride(0), ws.stride(1), max_blocks,
+            G=g, REC_SUB=min(g, 64), D=d, **{k: v for k, v in record_constexprs(cfg).items() if k != "IS_KVARN"},
+            num_warps=4)
+    _extend_fa_kernel[grid](*args, ws if ws is not None else kv_fp16, ws.stride(0) if ws is not None else 0,
+                            ws.stride(1) if ws is not None else 0, block_tables.shape[1],
+                            **consts, WS=ws is not None, num_warps=num_warps, num_stages=num_stages)
     return out
+
+
+# The workspace (paged_extend_attention) is used when at least this many programs per KV
+# head and sequence would each dequantize the same records, and it fits WS_MAX_BYTES.
+WS_MIN_PROGRAMS = 2
+WS_MAX_BYTES = 512 << 20
+
+
+def use_workspace(cfg: KVarNConfig | None, programs_per_head: int, bsz: int, max_blocks: int,
+                  hkv: int, g: int, d: int) -> bool:
+    """Whether the "fa" kernel should read the records through an fp16 workspace.
+
+    A program of 128 rows spends about as long dequantizing a record in registers as a
+    workspace costs per record (write and read back 4 G D bytes against the record's
+    bytes; H100, results/extend_h100_s10.json: 2.3 us per record per program), so from
+    two programs per record on, the workspace is the cheaper side."""
+    return (cfg is not None and programs_per_head >= WS_MIN_PROGRAMS
+            and 4 * bsz * max_blocks * hkv * g * d <= WS_MAX_BYTES)
 
 
 def extend_launch(max_q_len: int, qh: int, d: int, cfg: KVarNConfig | None, kernel: str | None = None,

@@ -23,7 +23,7 @@ from test_decode_attention import (  # noqa: E402  (same folder; pytest puts it 
 
 
 def run_case(preset, d, qh, lens, q_lens, block_m=None, hkv=2, seed=0, g_fp16=64, num_warps=None,
-             num_stages=None, check_ref_op=True, kernel=None):
+             num_stages=None, check_ref_op=True, kernel=None, workspace=None):
     cfg = KVarNConfig.from_name(preset, d) if preset else None
     g = cfg.group_size if cfg else g_fp16
     kv, records, bt, ctx = build_paged_cache(cfg, lens, q_lens, hkv, d, g, seed=seed)
@@ -34,7 +34,8 @@ def run_case(preset, d, qh, lens, q_lens, block_m=None, hkv=2, seed=0, g_fp16=64
     q = torch.randn(cu[-1], hkv * qh, d, generator=torch.Generator().manual_seed(seed + 1)).half().to(DEVICE)
     out = paged_extend_attention(q, kv, records, bt, ctx, cu_t, cfg, block_m=block_m,
                                  max_q_len=max(q_lens) if seed % 2 else None,
-                                 num_warps=num_warps, num_stages=num_stages, kernel=kernel)
+                                 num_warps=num_warps, num_stages=num_stages, kernel=kernel,
+                                 workspace=workspace)
     ref, t16 = fp32_and_fp16_oracles(q, kv, records, bt, ctx, cu, cfg, 1.0 / math.sqrt(d))
     assert_close_to_reference(out, ref, t16)
     if not check_ref_op:       # the reference op does not depend on the kernel's launch
@@ -65,6 +66,25 @@ def test_extend_matches_reference(preset, d, qh, lens, q_lens, block_m, kernel):
     run_case(preset, d, qh, lens, q_lens, block_m, seed=len(lens), kernel=kernel)
     if kernel == "fa" and block_m is not None:     # and at the fa kernel's own default tile
         run_case(preset, d, qh, lens, q_lens, None, seed=len(lens), kernel=kernel, check_ref_op=False)
+    if kernel == "fa" and preset is not None:      # the records through the fp16 workspace
+        run_case(preset, d, qh, lens, q_lens, block_m, seed=len(lens), kernel=kernel, check_ref_op=False,
+                 workspace=True)
+
+
+def test_extend_workspace_matches_records():
+    """The prefix-dequant workspace holds what the fa kernel computes from the records
+    itself: outputs agree to fp32 summation order, and both match the reference."""
+    from test_decode_attention import build_paged_cache as build
+    cfg = KVarNConfig.from_name("kvarn_k4v2_g64", 64)
+    lens, q_lens = [400, 200, 64], [70, 3, 64]
+    kv, records, bt, ctx = build(cfg, lens, q_lens, 2, 64, 64, seed=5)
+    cu = torch.tensor([0, 70, 73, 137], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(137, 4, 64, generator=torch.Generator().manual_seed(6)).half().to(DEVICE)
+    a = paged_extend_attention(q, kv, records, bt, ctx, cu, cfg, kernel="fa", block_m=32, workspace=False)
+    b = paged_extend_attention(q, kv, records, bt, ctx, cu, cfg, kernel="fa", block_m=32, workspace=True)
+    assert (a.float() - b.float()).abs().max() <= 2e-3
+    with pytest.raises(ValueError, match="needs the 'fa' kernel"):
+        paged_extend_attention(q, kv, records, bt, ctx, cu, cfg, kernel="rows", workspace=True)
 
 
 @pytest.mark.parametrize("preset,d,qh,lens,q_lens", [
@@ -116,13 +136,14 @@ def test_extend_kernel_name_checked():
     ("kvarn_k4v2_g64", 64, 3, [5000, 700, 64], [9, 2, 7]),
     ("kvarn_k4v4_g128", 256, 8, [3000, 129], [2, 4]),
 ])
-@pytest.mark.parametrize("launch", [None, ("rows", 64, 4, 3), ("rows", 32, 4, 2), ("rows", 16, 2, 2),
-                                    ("fa", None, None, None), ("fa", 128, 4, 2), ("fa", 64, 4, 2),
-                                    ("fa", 128, 8, 3)],
-                         ids=lambda x: "default" if x is None else "%s_m%s_w%s_s%s" % x)
+@pytest.mark.parametrize("launch", [None, ("rows", 64, 4, 3, None), ("rows", 32, 4, 2, None),
+                                    ("rows", 16, 2, 2, None), ("fa", None, None, None, False),
+                                    ("fa", None, None, None, True), ("fa", 128, 4, 2, None),
+                                    ("fa", 64, 4, 2, None), ("fa", 128, 8, 3, None)],
+                         ids=lambda x: "default" if x is None else "%s_m%s_w%s_s%s_ws%s" % x)
 def test_extend_gpu_large(preset, d, qh, lens, q_lens, launch):
     """Large ragged batches, at the default launch and the kernels / row tiles / warps /
-    stages that extend.py --variants times."""
-    kernel, block_m, warps, stages = launch or (None, None, None, None)
+    stages / workspace choices that extend.py --variants times."""
+    kernel, block_m, warps, stages, ws = launch or (None, None, None, None, None)
     run_case(preset, d, qh, lens, q_lens, block_m, hkv=4, seed=7, num_warps=warps, num_stages=stages,
-             check_ref_op=launch is None, kernel=kernel)
+             check_ref_op=launch is None, kernel=kernel, workspace=ws)
