@@ -59,6 +59,31 @@ EXTEND_KERNEL = os.environ.get("KVARN_EXTEND_KERNEL", "auto")
 
 
 @triton.jit
+def _program_rows(pid_q, kvh, n_q, prefix, QH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
+    """A program's tile rows (module docstring): token, query head, whether the row is
+    live, and its position (dead rows take the last token's, so that no row is empty)."""
+    rows = tl.arange(0, BLOCK_M)
+    tok = pid_q * BLOCK_T + rows // QH
+    head = kvh * QH + rows % QH
+    row_ok = (rows < BLOCK_T * QH) & (tok < n_q)
+    return tok, head, row_ok, prefix + tl.minimum(tok, n_q - 1)
+
+
+@triton.jit
+def _key_orders(REC_SUB: tl.constexpr, D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+                IS_KVARN: tl.constexpr):
+    """The token order of a record piece's K codes and the channel order of V's
+    (``_code_order``; identity for an fp16 cache)."""
+    if IS_KVARN:
+        k_tok = _code_order(REC_SUB, K_BITS)
+        v_chan = _code_order(D, V_BITS)
+    else:
+        k_tok = tl.arange(0, REC_SUB)
+        v_chan = tl.arange(0, D)
+    return k_tok, v_chan
+
+
+@triton.jit
 def _extend_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, cu_ptr, out_ptr, qk_scale, magic,
                    stride_qt, stride_qh, stride_kv, stride_fb, stride_fh,
                    stride_rb, stride_rh, stride_bt, stride_ot, stride_oh,
@@ -77,19 +102,10 @@ def _extend_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, cu_ptr, out_ptr, qk_
     n_ctx = tl.load(ctx_ptr + b)
     prefix = n_ctx - n_q
 
-    rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    tok = pid_q * BLOCK_T + rows // QH
-    head = kvh * QH + rows % QH
-    row_ok = (rows < BLOCK_T * QH) & (tok < n_q)
-    row_pos = prefix + tl.minimum(tok, n_q - 1)
+    tok, head, row_ok, row_pos = _program_rows(pid_q, kvh, n_q, prefix, QH, BLOCK_M, BLOCK_T)
     V_PERM: tl.constexpr = 32 // V_BITS if IS_KVARN else 0
-    if IS_KVARN:
-        k_tok = _code_order(REC_SUB, K_BITS)
-        v_chan = _code_order(D, V_BITS)
-    else:
-        k_tok = tl.arange(0, REC_SUB)
-        v_chan = offs_d
+    k_tok, v_chan = _key_orders(REC_SUB, D, K_BITS, V_BITS, IS_KVARN)
     q = tl.load(q_ptr + (q_start + tok)[None, :].to(tl.int64) * stride_qt
                 + head[None, :] * stride_qh + offs_d[:, None], mask=row_ok[None, :], other=0.0)
     qf = q.to(tl.float32) * qk_scale                                 # [D, BLOCK_M]
@@ -289,18 +305,9 @@ def _extend_fa_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, cu_ptr, out_ptr, 
     n_ctx = tl.load(ctx_ptr + b)
     prefix = n_ctx - n_q
 
-    rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    tok = pid_q * BLOCK_T + rows // QH
-    head = kvh * QH + rows % QH
-    row_ok = (rows < BLOCK_T * QH) & (tok < n_q)
-    row_pos = prefix + tl.minimum(tok, n_q - 1)
-    if IS_KVARN:
-        k_tok = _code_order(REC_SUB, K_BITS)
-        v_cols = _code_order(D, V_BITS)
-    else:
-        k_tok = tl.arange(0, REC_SUB)
-        v_cols = offs_d
+    tok, head, row_ok, row_pos = _program_rows(pid_q, kvh, n_q, prefix, QH, BLOCK_M, BLOCK_T)
+    k_tok, v_cols = _key_orders(REC_SUB, D, K_BITS, V_BITS, IS_KVARN)
     q = tl.load(q_ptr + (q_start + tok)[:, None].to(tl.int64) * stride_qt
                 + head[:, None] * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     q16 = (q.to(tl.float32) * qk_scale).to(q.dtype)                       # [M, D]
