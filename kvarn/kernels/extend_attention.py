@@ -56,6 +56,9 @@ from kvarn.kernels.decode_attention import (
 
 # The default extend kernel: "auto" (``extend_launch``'s choice by shape), "rows" or "fa".
 EXTEND_KERNEL = os.environ.get("KVARN_EXTEND_KERNEL", "auto")
+# The fa kernel's fp16 workspace for the records by default: "auto" (``use_workspace``),
+# "1" (always) or "0" (never). "0" until it has run on a GPU.
+EXTEND_WORKSPACE = os.environ.get("KVARN_EXTEND_WORKSPACE", "0")
 
 
 @triton.jit
@@ -367,8 +370,9 @@ def paged_extend_attention(q, kv_fp16, records, block_tables, context_lens, cu_s
 
     workspace (the "fa" kernel over a KVarN cache): dequantize every sequence's records
     once per KV head into an fp16 workspace first (``_dequant_prefix_kernel``; B x
-    max_blocks x Hkv x G x D x 4 bytes), instead of once per program. None: when more
-    than one program per KV head reads each record (``use_workspace``).
+    max_blocks x Hkv x G x D x 4 bytes), instead of once per program. None:
+    ``EXTEND_WORKSPACE`` (env ``KVARN_EXTEND_WORKSPACE``): "auto" uses it when more than
+    one program per KV head reads each record (``use_workspace``).
     """
     hkv, g, d = check_paged_args(q, kv_fp16, records, block_tables, context_lens, cfg, 3)
     t_total, hq, _ = q.shape
@@ -405,6 +409,8 @@ def paged_extend_attention(q, kv_fp16, records, block_tables, context_lens, cu_s
             raise ValueError("workspace=True needs the 'fa' kernel")
         _extend_kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
         return out
+    if workspace is None and EXTEND_WORKSPACE != "auto":
+        workspace = EXTEND_WORKSPACE == "1"
     if workspace is None:
         workspace = use_workspace(cfg, grid[0], bsz, block_tables.shape[1], hkv, g, d)
     ws = None
@@ -446,24 +452,35 @@ def extend_launch(max_q_len: int, qh: int, d: int, cfg: KVarNConfig | None, kern
     """(kernel, block_m, num_warps, num_stages) for a batch: what is given, the rest chosen.
 
     kernel "auto" (the default, ``EXTEND_KERNEL``) picks by the rows one program needs,
-    R = next_pow2(max_q_len * qh), at least 16 (H100, k4v2_g128, D 128, 4 query heads per
-    KV head; results/extend_h100_s10.json):
+    R = next_pow2(max_q_len * qh), at least 16, where it was measured and GPU-tested
+    (H100, D 128, 4 query heads per KV head; results/extend_h100_s10.json):
 
-        R <= 32    "rows", R rows, 2 warps at 16, 4 at 32: the fewest idle rows (64
-                   sequences x 4 new tokens: 16 rows 1.28 ms, fa at 64 rows 1.57, the
-                   old default of 64 rows 3.21; 16 x 8: 32 rows 0.207, fa 0.201)
-        R >= 64    "fa", 128 rows at 8 warps (64 at D 256, or where R is 64): the records
-                   dequantized once per program for 32 tokens x 4 heads (hundreds of new
-                   tokens: 0.78-1.32 ms against rows' 1.55-1.79)
+        R <= 32    k4v2_g128: "rows", R rows, 2 warps at 16, 4 at 32: the fewest idle
+                   rows (64 sequences x 4 new tokens: 16 rows 1.28 ms, fa at 64 rows
+                   1.57, the old default of 64 rows 3.21; 16 x 8: 32 rows 0.207, fa 0.201)
+        R >= 64    k4v2_g128 or the fp16 cache: "fa", 128 rows at 8 warps (64 rows at 4
+                   where R is 64): the records dequantized once per program for 32
+                   tokens x 4 heads (hundreds of new tokens: 0.78-1.32 ms against rows'
+                   1.55-1.79; the fp16 cache 0.47-0.57 against 1.38-1.67)
+
+    Elsewhere (other presets, head dims 64 / 256) "auto" is the rows kernel at its
+    earlier default launch: the rows kernel at 32 rows / 4 warps raised an illegal
+    address at D 64 on the H100 (session 10, not yet explained), and nothing else has
+    been timed there.
     """
     kernel = EXTEND_KERNEL if kernel is None else kernel
     if kernel not in ("auto", "rows", "fa"):
         raise ValueError(f"kernel must be 'auto', 'rows' or 'fa', got {kernel!r}")
-    need = max(16, triton.next_power_of_2(max(1, max_q_len) * qh))
+    k4v2_g128 = cfg is not None and (cfg.k_bits, cfg.v_bits, cfg.group_size) == (4, 2, 128)
     if kernel == "auto":
-        kernel = "rows" if need <= 32 else "fa"
-        if block_m is None:
-            block_m = need if kernel == "rows" else min(need, 128 if d <= 128 else 64)
+        need = max(16, triton.next_power_of_2(max(1, max_q_len) * qh))
+        kernel = "rows"
+        if d == 128 and need >= 64 and (cfg is None or k4v2_g128):
+            kernel = "fa"
+            block_m = min(need, 128) if block_m is None else block_m
+        elif d == 128 and need <= 32 and k4v2_g128 and block_m is None:
+            block_m = need
+            num_warps = (2 if need == 16 else 4) if num_warps is None else num_warps
     fa = kernel == "fa"
     if block_m is None:
         block_m = (128 if d <= 128 else 64) if fa else (64 if d <= 128 else 32)
@@ -471,14 +488,10 @@ def extend_launch(max_q_len: int, qh: int, d: int, cfg: KVarNConfig | None, kern
     if num_warps is None:
         if fa:
             num_warps = 8 if block_m * d >= 128 * 128 else 4
-        elif block_m <= 32:
-            num_warps = 2 if block_m == 16 else 4
         else:
             # k4v2_g128 at D 128, 64 rows: 4 warps 1.53-1.67x faster than 8 with hundreds of
             # new tokens, output bit-identical to 8 warps' on all five shapes (H100,
             # results/extend_h100_s9.json; 8% slower with 8 new tokens x 16 sequences). Other
             # presets, head dims and the fp16 cache were not timed at 4 warps: 8 as before.
-            measured = (cfg is not None and (cfg.k_bits, cfg.v_bits, cfg.group_size) == (4, 2, 128)
-                        and d == 128 and block_m == 64)
-            num_warps = 4 if measured else 8
+            num_warps = 4 if (k4v2_g128 and d == 128 and block_m == 64) else 8
     return kernel, block_m, num_warps, 2 if num_stages is None else num_stages

@@ -88,10 +88,11 @@ def test_extend_workspace_matches_records():
 
 
 @pytest.mark.parametrize("preset,d,qh,lens,q_lens", [
-    ("kvarn_k4v2_g64", 64, 3, [200, 130], [5, 1]),         # 15 rows -> rows, 16
+    ("kvarn_k4v2_g128", 128, 4, [300, 129], [4, 1]),       # 16 rows -> rows, 16
     ("kvarn_k4v2_g128", 128, 4, [300, 129], [8, 3]),       # 32 rows -> rows, 32
-    ("kvarn_k4v4_g64", 128, 4, [200, 70], [13, 2]),        # 52 -> fa, 64
-    (None, 64, 3, [150], [90]),                            # 270 -> fa, 128
+    ("kvarn_k4v2_g128", 128, 4, [400, 140], [13, 2]),      # 52 -> fa, 64
+    (None, 128, 3, [150], [90]),                           # 270 -> fa, 128 (fp16 cache)
+    ("kvarn_k4v2_g64", 64, 3, [200, 130], [5, 1]),         # unmeasured: rows, 64
 ])
 def test_extend_auto(preset, d, qh, lens, q_lens):
     """The default launch (kernel "auto") on shapes that take each of its branches."""
@@ -101,17 +102,21 @@ def test_extend_auto(preset, d, qh, lens, q_lens):
 def test_extend_launch_choices():
     cfg = KVarNConfig.from_name("kvarn_k4v2_g128", 128)
     assert extend_launch(4, 4, 128, cfg, "auto") == ("rows", 16, 2, 2)
-    assert extend_launch(5, 3, 64, None, "auto") == ("rows", 16, 2, 2)
     assert extend_launch(8, 4, 128, cfg, "auto") == ("rows", 32, 4, 2)
     assert extend_launch(16, 4, 128, cfg, "auto") == ("fa", 64, 4, 2)
     assert extend_launch(512, 4, 128, cfg, "auto") == ("fa", 128, 8, 2)
-    assert extend_launch(512, 8, 256, None, "auto") == ("fa", 64, 8, 2)
-    assert extend_launch(1, 32, 128, cfg, "auto") == ("rows", 32, 4, 2)    # MHA-like GQA 32, decode
+    assert extend_launch(512, 4, 128, None, "auto") == ("fa", 128, 8, 2)        # the fp16 cache
+    assert extend_launch(1, 32, 128, cfg, "auto") == ("rows", 32, 4, 2)         # GQA 32, decode
     assert extend_launch(1, 64, 128, cfg, "auto") == ("fa", 64, 4, 2)
+    # outside what was measured: the rows kernel's earlier default launch
+    assert extend_launch(5, 3, 64, KVarNConfig.from_name("kvarn_k4v2_g64", 64), "auto") == ("rows", 64, 8, 2)
+    assert extend_launch(512, 8, 256, None, "auto") == ("rows", 32, 8, 2)
+    assert extend_launch(4, 4, 128, None, "auto") == ("rows", 64, 8, 2)
     # what is given is kept; the rest follows the kernel's rules
     assert extend_launch(512, 4, 128, cfg, "rows") == ("rows", 64, 4, 2)
     assert extend_launch(512, 4, 128, cfg, "fa", block_m=64, num_stages=3) == ("fa", 64, 4, 3)
     assert extend_launch(2, 4, 128, cfg, "auto", num_warps=8) == ("rows", 16, 8, 2)
+    assert extend_launch(2, 4, 128, cfg, "rows", block_m=32) == ("rows", 32, 8, 2)
 
 
 @pytest.mark.parametrize("kernel", ["rows", "fa"])
