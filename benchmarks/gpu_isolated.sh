@@ -8,11 +8,14 @@
 # every test after the first fault fails too and says nothing about its own case (session
 # 10's extend step: 1 real failure, 26 after it). Here each node's result is its own.
 # Prints "PASS node" / "FAIL node" lines, then the first 40 lines of each failure's log,
-# and exits 1 if any node failed.
+# and exits 1 if any node failed. Slow: every process imports torch and compiles its own
+# kernels (session 10, H100, 8 jobs: 7 extend cases in 240 s, before OMP_NUM_THREADS was
+# capped; one process ran 61 in 110 s). For diagnosis after a fault, with -k to narrow.
 set -u
 JOBS=4
 if [[ ${1:-} =~ ^[0-9]+$ ]]; then JOBS=$1; shift; fi
 PY=${PY:-python3}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}    # JOBS processes' CPU references share the cores
 LOGS=$(mktemp -d)
 $PY -m pytest -q --collect-only -p no:cacheprovider "$@" | grep '::' > "$LOGS/nodes"
 echo "$(wc -l < "$LOGS/nodes") test nodes, $JOBS at a time"

@@ -16,11 +16,11 @@
 #              with session 7's fp16 part (chunks and side stream off) and with
 #              KVARN_GLUON_PAIR=1 (NOTES.md attempt 31)                           (240)
 #   variants   kernels.py launch sweeps of the Gluon kernel at D 256 and D 64      (200)
-#   extend     the GPU extend tests at every launch the sweep times, each test in its
-#              own process (gpu_isolated.sh: a CUDA fault cannot fail the tests after it), then
-#              extend.py --variants (extend attention vs fp16 paged vs SDPA, and the
-#              kernel / row-tile / warp / stage sweep; JSON written after every shape)
-#              (240 + 300, two logs: extend_tests.log, extend.log)
+#   extend     the GPU extend tests at every launch the sweep times (session 10: 61
+#              cases in about 110 s), then extend.py --variants (extend attention vs fp16
+#              paged vs SDPA, and the kernel / row-tile / warp / stage / workspace sweep;
+#              JSON written after every shape)   (200 + 300, logs extend_tests.log, extend.log)
+#              After a CUDA fault, benchmarks/gpu_isolated.sh runs each test alone.
 #   engine     engine.py --gpu and the GPU engine tests                        (150)
 #   store      store_variants.py (warps x register caps, NOTES.md attempt 35) and the
 #              GPU store tests                                                 (200)
@@ -56,7 +56,7 @@ for step in "$@"; do
                  ; KVARN_GLUON_PAIR=1 $PY benchmarks/decode_breakdown.py --out '$RES/breakdown_pair.json' --gluon-launch 64 86 192" ;;
     variants) run variants 200 $PY benchmarks/kernels.py --shapes D256_B16_N16K D64_B1_N32K --no-store \
                 --variants D256_B16_N16K D64_B1_N32K --out "$RES/variants.json" ;;
-    extend) run extend_tests 240 bash -c "PY=$PY bash benchmarks/gpu_isolated.sh 8 -m gpu tests/kernels/test_extend_attention.py"
+    extend) run extend_tests 200 $PY -m pytest -q -m gpu tests/kernels/test_extend_attention.py
             run extend 300 $PY benchmarks/extend.py --variants --out "$RES/extend.json" ;;
     engine) run engine 150 bash -c "$PY benchmarks/engine.py --gpu --out '$RES/engine.json' && $PY -m pytest -q -m gpu tests/engine/test_gpu_engine.py" ;;
     store) run store 200 bash -c "$PY benchmarks/store_variants.py '$RES/store_variants.json' && $PY -m pytest -q -m gpu tests/kernels/test_store.py" ;;

@@ -57,7 +57,8 @@ from kvarn.kernels.decode_attention import (
 # The default extend kernel: "auto" (``extend_launch``'s choice by shape), "rows" or "fa".
 EXTEND_KERNEL = os.environ.get("KVARN_EXTEND_KERNEL", "auto")
 # The fa kernel's fp16 workspace for the records by default: "auto" (``use_workspace``),
-# "1" (always) or "0" (never). "0" until it has run on a GPU.
+# "1" (always) or "0" (never). "0": it measured 1.8-2.6x slower than without (H100,
+# results/extend_h100_s10b.json; benchmarks/NOTES.md attempt 37).
 EXTEND_WORKSPACE = os.environ.get("KVARN_EXTEND_WORKSPACE", "0")
 
 
@@ -438,10 +439,12 @@ def use_workspace(cfg: KVarNConfig | None, programs_per_head: int, bsz: int, max
                   hkv: int, g: int, d: int) -> bool:
     """Whether the "fa" kernel should read the records through an fp16 workspace.
 
-    A program of 128 rows spends about as long dequantizing a record in registers as a
-    workspace costs per record (write and read back 4 G D bytes against the record's
-    bytes; H100, results/extend_h100_s10.json: 2.3 us per record per program), so from
-    two programs per record on, the workspace is the cheaper side."""
+    The rule as designed: a program of 128 rows spends about as long dequantizing a
+    record in registers (2.3 us on the H100, results/extend_h100_s10.json) as the
+    workspace costs per record (write and read back 4 G D bytes), so from two programs
+    per record on, the workspace would be the cheaper side. Measured, it was not
+    (1.8-2.6x slower at 4-64 programs per record, results/extend_h100_s10b.json), so
+    it is used only with ``KVARN_EXTEND_WORKSPACE=auto``."""
     return (cfg is not None and programs_per_head >= WS_MIN_PROGRAMS
             and 4 * bsz * max_blocks * hkv * g * d <= WS_MAX_BYTES)
 
@@ -464,9 +467,12 @@ def extend_launch(max_q_len: int, qh: int, d: int, cfg: KVarNConfig | None, kern
                    1.55-1.79; the fp16 cache 0.47-0.57 against 1.38-1.67)
 
     Elsewhere (other presets, head dims 64 / 256) "auto" is the rows kernel at its
-    earlier default launch: the rows kernel at 32 rows / 4 warps raised an illegal
-    address at D 64 on the H100 (session 10, not yet explained), and nothing else has
-    been timed there.
+    earlier default launch (nothing else was timed there).
+
+    Refused: the rows kernel at 32 rows and 4 warps with D 64, which Triton 3.6
+    miscompiles (compute-sanitizer on the H100: the P V wgmma of ``_record_tile``
+    reads shared memory past the kernel's allocation, an illegal address;
+    benchmarks/results/logs/sanitizer_extend_rows_m32_w4_d64_h100_s10.log).
     """
     kernel = EXTEND_KERNEL if kernel is None else kernel
     if kernel not in ("auto", "rows", "fa"):
@@ -494,4 +500,7 @@ def extend_launch(max_q_len: int, qh: int, d: int, cfg: KVarNConfig | None, kern
             # results/extend_h100_s9.json; 8% slower with 8 new tokens x 16 sequences). Other
             # presets, head dims and the fp16 cache were not timed at 4 warps: 8 as before.
             num_warps = 4 if (k4v2_g128 and d == 128 and block_m == 64) else 8
+    if kernel == "rows" and d == 64 and block_m == 32 and num_warps == 4:
+        raise ValueError("the rows extend kernel at 32 rows / 4 warps with head_dim 64 is miscompiled "
+                         "by Triton 3.6 (an illegal shared-memory read): use 2 or 8 warps, or 16 / 64 rows")
     return kernel, block_m, num_warps, 2 if num_stages is None else num_stages

@@ -117,6 +117,10 @@ def test_extend_launch_choices():
     assert extend_launch(512, 4, 128, cfg, "fa", block_m=64, num_stages=3) == ("fa", 64, 4, 3)
     assert extend_launch(2, 4, 128, cfg, "auto", num_warps=8) == ("rows", 16, 8, 2)
     assert extend_launch(2, 4, 128, cfg, "rows", block_m=32) == ("rows", 32, 8, 2)
+    # the launch Triton 3.6 miscompiles (an illegal address on the H100) is refused
+    with pytest.raises(ValueError, match="miscompiled"):
+        extend_launch(9, 3, 64, None, "rows", block_m=32, num_warps=4)
+    assert extend_launch(9, 3, 64, None, "rows", block_m=32, num_warps=2) == ("rows", 32, 2, 2)
 
 
 @pytest.mark.parametrize("kernel", ["rows", "fa"])
@@ -150,5 +154,7 @@ def test_extend_gpu_large(preset, d, qh, lens, q_lens, launch):
     """Large ragged batches, at the default launch and the kernels / row tiles / warps /
     stages / workspace choices that extend.py --variants times."""
     kernel, block_m, warps, stages, ws = launch or (None, None, None, None, None)
+    if d == 64 and launch == ("rows", 32, 4, 2, None):
+        pytest.skip("refused by extend_launch: Triton 3.6 miscompiles it (test_extend_launch_choices)")
     run_case(preset, d, qh, lens, q_lens, block_m, hkv=4, seed=7, num_warps=warps, num_stages=stages,
              check_ref_op=launch is None, kernel=kernel, workspace=ws)
