@@ -57,7 +57,7 @@ from kvarn.kernels.decode_attention import (
 # The default extend kernel: "auto" (``extend_launch``'s choice by shape), "rows" or "fa".
 EXTEND_KERNEL = os.environ.get("KVARN_EXTEND_KERNEL", "auto")
 # The fa kernel's fp16 workspace for the records by default: "auto" (``use_workspace``),
-# "1" (always) or "0" (never). "0": it measured 1.8-2.6x slower than without (H100,
+# "1" (always) or "0" (never). "0": it measured 1.85-3.0x slower than without (H100,
 # results/extend_h100_s10b.json; benchmarks/NOTES.md attempt 37).
 EXTEND_WORKSPACE = os.environ.get("KVARN_EXTEND_WORKSPACE", "0")
 
@@ -443,7 +443,7 @@ def use_workspace(cfg: KVarNConfig | None, programs_per_head: int, bsz: int, max
     record in registers (2.3 us on the H100, results/extend_h100_s10.json) as the
     workspace costs per record (write and read back 4 G D bytes), so from two programs
     per record on, the workspace would be the cheaper side. Measured, it was not
-    (1.8-2.6x slower at 4-64 programs per record, results/extend_h100_s10b.json), so
+    (1.85-3.0x slower at 8-64 programs per record, results/extend_h100_s10b.json), so
     it is used only with ``KVARN_EXTEND_WORKSPACE=auto``."""
     return (cfg is not None and programs_per_head >= WS_MIN_PROGRAMS
             and 4 * bsz * max_blocks * hkv * g * d <= WS_MAX_BYTES)
