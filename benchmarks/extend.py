@@ -115,8 +115,8 @@ def main():
             row["variants"] = []
             # session 9 (results/extend_h100_s9.json): 64 rows at 4 warps 1.5-1.7x faster than
             # at 8, 128 rows 2.5-4x slower, 256 does not compile. Session 10 (s10.json): the
-            # "fa" kernel 2x faster than "rows" with hundreds of new tokens, rows at 16-32
-            # rows best with 4-8; the default is now "auto" (extend_launch) and these are
+            # "fa" kernel 2x faster than "rows" with hundreds of new tokens, "rows" at 16-32
+            # rows best with 4-8 new tokens; the default is now "auto" (extend_launch) and these are
             # the launches it chooses between and their neighbours, on both caches (the
             # launches test_extend_gpu_large checks).
             for which, kernel, block_m, warps, stages, ws in [

@@ -423,8 +423,8 @@ def paged_extend_attention(q, kv_fp16, records, block_tables, context_lens, cu_s
             srb, srh, block_tables.stride(0), ws.stride(0), ws.stride(1), max_blocks,
             G=g, REC_SUB=min(g, 64), D=d, **{k: v for k, v in record_constexprs(cfg).items() if k != "IS_KVARN"},
             num_warps=4)
-    _extend_fa_kernel[grid](*args, ws if ws is not None else kv_fp16, ws.stride(0) if ws is not None else 0,
-                            ws.stride(1) if ws is not None else 0, block_tables.shape[1],
+    ws_args = (ws, ws.stride(0), ws.stride(1)) if ws is not None else (kv_fp16, 0, 0)   # unused without WS
+    _extend_fa_kernel[grid](*args, *ws_args, block_tables.shape[1],
                             **consts, WS=ws is not None, num_warps=num_warps, num_stages=num_stages)
     return out
 
