@@ -24,7 +24,10 @@
 #   engine     engine.py --gpu and the GPU engine tests                        (150)
 #   store      store_variants.py (warps x register caps, NOTES.md attempt 35) and the
 #              GPU store tests                                                 (200)
-# KVARN_GLUON_DIMS, _FP16_CHUNKS, _SIDE_STREAM and _PAIR (decode_attention.py) pass through to
+#   pdl        the GPU decode tests (test_decode_gluon.py, the PDL cases among them, and
+#              test_decode_attention.py), then pdl.py: graph replay and eager time with
+#              programmatic dependent launch off and on (NOTES.md attempt 38)  (300 + 300)
+# KVARN_GLUON_DIMS, _FP16_CHUNKS, _SIDE_STREAM, _PAIR and KVARN_PDL (decode_attention.py) pass through to
 # every step.
 set -u
 OUT=${OUT:-/tmp/kvarn_out}
@@ -60,6 +63,8 @@ for step in "$@"; do
             run extend 300 $PY benchmarks/extend.py --variants --out "$RES/extend.json" ;;
     engine) run engine 150 bash -c "$PY benchmarks/engine.py --gpu --out '$RES/engine.json' && $PY -m pytest -q -m gpu tests/engine/test_gpu_engine.py" ;;
     store) run store 200 bash -c "$PY benchmarks/store_variants.py '$RES/store_variants.json' && $PY -m pytest -q -m gpu tests/kernels/test_store.py" ;;
-    *) echo "unknown step $step (tests tests_rest kernels breakdown variants extend engine store)"; exit 2 ;;
+    pdl) run pdl_tests 300 $PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py tests/kernels/test_decode_attention.py
+         run pdl 300 $PY benchmarks/pdl.py --out "$RES/pdl.json" ;;
+    *) echo "unknown step $step (tests tests_rest kernels breakdown variants extend engine store pdl)"; exit 2 ;;
   esac
 done

@@ -91,10 +91,11 @@ def gluon_settings() -> dict:
     """The Gluon path's switches in this run: the head dims kernel="auto" sends to it
     (KVARN_GLUON_DIMS), whether the fp16 blocks go in chunks (KVARN_GLUON_FP16_CHUNKS)
     and on a second stream (KVARN_GLUON_SIDE_STREAM), and whether the record loop takes
-    two records per iteration (KVARN_GLUON_PAIR)."""
-    from kvarn.kernels.decode_attention import GLUON_AUTO_DIMS, GLUON_FP16_CHUNKS, GLUON_PAIR, GLUON_SIDE_STREAM
-    return {"auto_dims": list(GLUON_AUTO_DIMS), "fp16_chunks": GLUON_FP16_CHUNKS, "side_stream": GLUON_SIDE_STREAM,
-            "pair": GLUON_PAIR}
+    two records per iteration (KVARN_GLUON_PAIR); and whether decode kernels launch with
+    programmatic dependent launch (KVARN_PDL, every decode path)."""
+    from kvarn.kernels import decode_attention as da
+    return {"auto_dims": list(da.GLUON_AUTO_DIMS), "fp16_chunks": da.GLUON_FP16_CHUNKS,
+            "side_stream": da.GLUON_SIDE_STREAM, "pair": da.GLUON_PAIR, "pdl": da.PDL}
 
 
 def bench(fn, warmup=25, rep=200) -> float:

@@ -101,6 +101,18 @@ FP16_MAGIC = 0x64006400
 
 
 @triton.jit
+def _grid_dependency_sync():
+    """Programmatic dependent launch (PDL, Hopper and later): wait until the kernel before
+    this one in the stream has finished and its writes are visible, then let the kernel
+    after this one start launching. Called first in a kernel launched with
+    ``launch_pdl=True``, before any load, so that everything the kernel reads (q, the
+    lengths, block tables, records, partials) was written before it. Emitted only under
+    a PDL constexpr, never in the interpreter (it runs no PTX)."""
+    tl.inline_asm_elementwise("griddepcontrol.wait; griddepcontrol.launch_dependents; // $0", "=r", [],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _code_pair(w, MASK: tl.constexpr, SCALE: tl.constexpr, CENTER: tl.constexpr, magic):
     """Two codes (one per 16-bit half of w, at bit offset log2(SCALE)) -> fp16 c - CENTER.
 
@@ -416,7 +428,9 @@ def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, pls
                    K_BITS: tl.constexpr, V_BITS: tl.constexpr,
                    OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KZ: tl.constexpr,
                    OFF_KT: tl.constexpr, OFF_VC: tl.constexpr, OFF_VCH: tl.constexpr,
-                   OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr):
+                   OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:
+        _grid_dependency_sync()
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -525,8 +539,10 @@ def _merge_rows(po_ptr, part, ok, lse, mx, out_row, D: tl.constexpr):
 
 @triton.jit
 def _merge_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, HQ, num_splits,
-                  G: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr):
+                  G: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr, PDL: tl.constexpr = False):
     """out[b, h] = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) over the splits that ran."""
+    if PDL:
+        _grid_dependency_sync()
     b = tl.program_id(0)
     h = tl.program_id(1)
     n_ctx = tl.load(ctx_ptr + b)
@@ -544,10 +560,12 @@ def _merge_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, HQ, 
 
 @triton.jit
 def _merge_parts_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, HQ, num_parts,
-                        D: tl.constexpr, PARTS_P2: tl.constexpr):
+                        D: tl.constexpr, PARTS_P2: tl.constexpr, PDL: tl.constexpr = False):
     """``_merge_kernel`` for the split Gluon path: parts 0 .. num_parts-2 are the record
     splits (lse -inf where a split had no record), part num_parts-1 the fp16 blocks
     (written iff the sequence has a token)."""
+    if PDL:
+        _grid_dependency_sync()
     b = tl.program_id(0)
     h = tl.program_id(1)
     n_ctx = tl.load(ctx_ptr + b)
@@ -586,10 +604,13 @@ def _merge_tile(po_ptr, plse_ptr, out_ptr, base, n_ok,
 
 @triton.jit
 def _merge_chunks_kernel(po_ptr, plse_ptr, out_ptr, stride_ob, stride_oh, HQ, num_parts,
-                         D: tl.constexpr, PARTS_P2: tl.constexpr, DCH: tl.constexpr):
+                         D: tl.constexpr, PARTS_P2: tl.constexpr, DCH: tl.constexpr,
+                         PDL: tl.constexpr = False):
     """The merge of the Gluon path with fp16 chunks, whose partials are all written (lse
     -inf where one had no key): the record splits, then the fp16 chunks; grid (B, Hq,
     D / DCH)."""
+    if PDL:
+        _grid_dependency_sync()
     b = tl.program_id(0)
     h = tl.program_id(1)
     _merge_tile(po_ptr, plse_ptr, out_ptr + b * stride_ob + h * stride_oh, (b * HQ + h) * num_parts,
@@ -607,13 +628,15 @@ def _fp16_chunk_kernel(q_ptr, kv_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, qk_scal
                        stride_qb, stride_qh, stride_kv, stride_fb, stride_fh, stride_bt,
                        HKV, HQ, num_parts, part0,
                        QH: tl.constexpr, BLOCK_H: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
-                       D: tl.constexpr):
+                       D: tl.constexpr, PDL: tl.constexpr = False):
     """The fp16 blocks of a KVarN sequence (the sink, block 0, and the tail, block
     n_rec + 1, if any) in BLOCK_N-key chunks, one program each: grid (B * Hkv, 2 G /
     BLOCK_N); chunk c < G / BLOCK_N is sink sub-tile c, the others tail sub-tiles. Each
     writes the partial (o, lse) of its QH query heads at part0 + c of po / plse (lse -inf
     where the chunk holds no key). Chunks rather than one program for both blocks: at B1
     one program's chain of sub-tile loads was 9.9 us of the 31 us (H100, NOTES.md attempt 29)."""
+    if PDL:
+        _grid_dependency_sync()
     pid = tl.program_id(0)
     c = tl.program_id(1)
     b = pid // HKV
@@ -653,9 +676,10 @@ def fp16_chunk_n(bsz: int, hkv: int, g: int, d: int, sms: int) -> int:
     return min(32, fp16_block_n(g, d)) if bsz * hkv * 4 <= sms else fp16_block_n(g, d)
 
 
-def fp16_partials(q, kv_fp16, block_tables, context_lens, po, plse, scale, part0, block_n):
+def fp16_partials(q, kv_fp16, block_tables, context_lens, po, plse, scale, part0, block_n, pdl=False):
     """Launches ``_fp16_chunk_kernel``: the sink and tail partials at part0 .. part0 +
-    2 G / block_n - 1 of po [B, Hq, parts, D] / plse [B, Hq, parts]."""
+    2 G / block_n - 1 of po [B, Hq, parts, D] / plse [B, Hq, parts]. pdl: launched with
+    programmatic dependent launch (``pdl_on``)."""
     bsz, hq, d = q.shape
     hkv, g = kv_fp16.shape[2], kv_fp16.shape[3]
     qh = hq // hkv
@@ -663,18 +687,19 @@ def fp16_partials(q, kv_fp16, block_tables, context_lens, po, plse, scale, part0
         q, kv_fp16, block_tables, context_lens, po, plse, scale * LOG2E,
         q.stride(0), q.stride(1), kv_fp16.stride(0), kv_fp16.stride(1), kv_fp16.stride(2), block_tables.stride(0),
         hkv, hq, po.shape[2], part0,
-        QH=qh, BLOCK_H=max(16, triton.next_power_of_2(qh)), G=g, BLOCK_N=block_n, D=d,
-        num_warps=4 if d <= 128 else 8, num_stages=2)
+        QH=qh, BLOCK_H=max(16, triton.next_power_of_2(qh)), G=g, BLOCK_N=block_n, D=d, PDL=pdl,
+        num_warps=4 if d <= 128 else 8, num_stages=2, **_pdl_kw(pdl))
 
 
-def merge_partials(po, plse, out):
+def merge_partials(po, plse, out, pdl=False):
     """out [B, Hq, D] = the lse-weighted merge of every partial of po / plse (those with
-    lse -inf skipped), ``_merge_chunks_kernel``."""
+    lse -inf skipped), ``_merge_chunks_kernel``; pdl as ``fp16_partials``."""
     bsz, hq, parts, d = po.shape
     p2 = triton.next_power_of_2(parts)
     dch = merge_dch(p2, d)
     _merge_chunks_kernel[(bsz, hq, d // dch)](po, plse, out, out.stride(0), out.stride(1), hq, parts,
-                                              D=d, PARTS_P2=p2, DCH=dch, num_warps=4)
+                                              D=d, PARTS_P2=p2, DCH=dch, PDL=pdl, num_warps=4,
+                                              **_pdl_kw(pdl))
     return out
 
 
@@ -820,7 +845,8 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
                            num_stages: int | None = None, block_h: int | None = None,
                            rec_sub: int | None = None, maxnreg: int | None = None,
                            rec_deq: bool = True, rec_joint: bool | None = None,
-                           prefetch: str | None = "auto", kernel: str = "auto") -> torch.Tensor:
+                           prefetch: str | None = "auto", kernel: str = "auto",
+                           pdl=None) -> torch.Tensor:
     """Decode attention: q [B, Hq, D] (cache frame) -> [B, Hq, D], ``ref_paged_decode_attention`` semantics.
 
     cfg None (records None) reads an fp16 (or bf16) cache with the same kernel.
@@ -845,6 +871,7 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
     register cap), or "auto": "gluon" where it applies, the head dim is in
     ``GLUON_AUTO_DIMS``, no Triton-kernel knob is given and the batch holds at least
     ``GLUON_MIN_RECORDS`` records, else "triton".
+    pdl: programmatic dependent launch of the call's kernels (None: ``PDL``; see ``pdl_on``).
     """
     hkv, g, d = check_paged_args(q, kv_fp16, records, block_tables, context_lens, cfg, 3)
     bsz, hq, _ = q.shape
@@ -871,9 +898,10 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
     if bsz == 0:
         return out
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    pdl = pdl_on(q.device, pdl)
     if kernel == "gluon":
         return _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, num_splits, out,
-                             prefetch, maxnreg)
+                             prefetch, maxnreg, pdl=pdl)
     warps0, maxnreg0, rec_sub0, slots0 = default_launch(cfg, g, d)
     if num_splits is None:
         num_splits = default_num_splits(bsz, hkv, block_tables.shape[1], q.device,
@@ -912,12 +940,14 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
         QH=qh, BLOCK_H=block_h, G=g, BLOCK_N=fp16_block_n(g, d), REC_SUB=rec_sub, D=d, REC_DEQ=bool(rec_deq),
         REC_JOINT=rec_joint, PREFETCH=prefetch_mode,
         SPLIT=num_splits > 1, SKIP_REC=False,
-        **record_constexprs(cfg),
+        **record_constexprs(cfg), PDL=pdl,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
+        **_pdl_kw(pdl),
     )
     if num_splits > 1:
         _merge_kernel[(bsz, hq)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq, num_splits,
-                                 G=g, D=d, SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4)
+                                 G=g, D=d, SPLITS_P2=triton.next_power_of_2(num_splits), PDL=pdl, num_warps=4,
+                                 **_pdl_kw(pdl))
     return out
 
 
@@ -950,6 +980,34 @@ GLUON_SIDE_STREAM = os.environ.get("KVARN_GLUON_SIDE_STREAM", "graph")
 # off: the record kernel alone 5-7% faster at B1 N32K, slower at N128K and D 64, and
 # under graph replay with the side stream 29% slower (NOTES.md attempt 31).
 GLUON_PAIR = os.environ.get("KVARN_GLUON_PAIR", "0") == "1"
+# Programmatic dependent launch (NOTES.md attempt 38): on Hopper and later every kernel of
+# a decode call is launched with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION and
+# starts with griddepcontrol.wait / launch_dependents (``_grid_dependency_sync``), so a
+# kernel's launch and its programs' start overlap the end of the kernel before it instead
+# of following it. KVARN_PDL=1 on, 0 off.
+PDL = os.environ.get("KVARN_PDL", "0")
+_CAPABILITY: dict = {}
+
+
+def pdl_on(device: torch.device, mode=None) -> bool:
+    """Whether decode kernels on ``device`` launch with PDL: mode (None: ``PDL``) "1" /
+    True on, "0" / False off; on only on CUDA devices of compute capability 9 or more."""
+    mode = PDL if mode is None else mode
+    if mode in (False, "0"):
+        return False
+    if mode not in (True, "1"):
+        raise ValueError(f"KVARN_PDL / pdl takes 1 or 0, got {mode!r}")
+    if device.type != "cuda":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)[0]
+    return _CAPABILITY[idx] >= 9
+
+
+def _pdl_kw(pdl: bool) -> dict:
+    """The launch option (only when on: the interpreter's launcher does not know it)."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 def side_stream_on(mode, capturing: bool) -> bool:
@@ -1009,7 +1067,7 @@ def _gluon_splits(programs: int, max_blocks: int, sms: int, programs_per_sm: int
 
 
 def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, num_splits, out,
-                  prefetch="auto", maxnreg=None, fp16_chunks=None, side_stream=None, pair=None):
+                  prefetch="auto", maxnreg=None, fp16_chunks=None, side_stream=None, pair=None, pdl=False):
     """Records by the Gluon kernel (num_splits programs of one warp per sequence and KV
     head, one partial each), the sink and tail blocks, then a merge of the partials.
 
@@ -1025,7 +1083,9 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
     ``GLUON_SIDE_STREAM``, by default "graph"; see ``side_stream_on``): the fp16 part
     runs on a second stream while the record kernel runs, joined before the merge. pair
     (None: ``GLUON_PAIR``; D 64 / 128 only, elsewhere ignored): two records per loop
-    iteration, at decode_gluon.LAUNCH_PAIR's register cap and without the L2 prefetch."""
+    iteration, at decode_gluon.LAUNCH_PAIR's register cap and without the L2 prefetch.
+    pdl: every kernel on the caller's stream launched with programmatic dependent launch
+    (the fp16 part on the side stream, which starts after an event wait, without)."""
     aheads = {"l2": 1, "l2x2": 2, None: 0}
     if prefetch != "auto" and prefetch not in aheads:
         raise ValueError(f"kernel='gluon' takes prefetch 'auto', 'l2', 'l2x2' or None, got {prefetch!r}")
@@ -1067,7 +1127,7 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
         stream.wait_stream(main)
         with torch.cuda.stream(stream):
             _fp16_part(q, kv_fp16, records, block_tables, context_lens, cfg, scale, out, po, plse,
-                       num_splits, parts, block_n)
+                       num_splits, parts, block_n, False)
     decode_gluon.record_attention_kernel[(bsz * hkv, num_splits)](
         q, records, block_tables, context_lens, po, plse, scale * LOG2E,
         q.stride(0), q.stride(1), records.stride(0), records.stride(1), block_tables.stride(0),
@@ -1075,27 +1135,28 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
         QH=qh, G=g, D=d, AHEAD=ahead, PF_ASM=decode_gluon.prefetch_asm(rec_bytes) if ahead else "",
         OFF_KC=o["k_codes"], OFF_KS=o["k_scale"], OFF_KZ=o["k_zero"], OFF_KT=o["k_tok"],
         OFF_VC=o["v_codes"], OFF_VCH=o["v_chan"], OFF_VS=o["v_scale"], OFF_VZ=o["v_zero"], PAIR=pair,
-        num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
+        PDL=pdl, num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}), **_pdl_kw(pdl))
     if side:
         main.wait_stream(stream)
     else:
         _fp16_part(q, kv_fp16, records, block_tables, context_lens, cfg, scale, out, po, plse,
-                   num_splits, parts, block_n)
+                   num_splits, parts, block_n, pdl)
     if block_n:
-        merge_partials(po, plse, out)
+        merge_partials(po, plse, out, pdl)
         return out
     _merge_parts_kernel[(bsz, hq)](po, plse, context_lens, out, out.stride(0), out.stride(1), hq, parts,
-                                   D=d, PARTS_P2=triton.next_power_of_2(parts), num_warps=4)
+                                   D=d, PARTS_P2=triton.next_power_of_2(parts), PDL=pdl, num_warps=4,
+                                   **_pdl_kw(pdl))
     return out
 
 
 def _fp16_part(q, kv_fp16, records, block_tables, context_lens, cfg, scale, out, po, plse,
-               num_splits, parts, block_n):
+               num_splits, parts, block_n, pdl=False):
     """The sink and tail blocks' partials, after the num_splits record partials: in
     chunks of block_n keys (``fp16_partials``), or, with block_n 0, one partial per
     sequence and KV head by ``_decode_kernel`` with records skipped."""
     if block_n:
-        fp16_partials(q, kv_fp16, block_tables, context_lens, po, plse, scale, num_splits, block_n)
+        fp16_partials(q, kv_fp16, block_tables, context_lens, po, plse, scale, num_splits, block_n, pdl)
         return
     bsz, hq, d = q.shape
     hkv, g = kv_fp16.shape[2], kv_fp16.shape[3]
@@ -1109,4 +1170,4 @@ def _fp16_part(q, kv_fp16, records, block_tables, context_lens, cfg, scale, out,
         hkv, hq, 1, parts, num_splits,
         QH=qh, BLOCK_H=max(16, triton.next_power_of_2(qh)), G=g, BLOCK_N=fp16_block_n(g, d), REC_SUB=rec_sub0,
         D=d, REC_DEQ=True, REC_JOINT=False, PREFETCH=0, SPLIT=True, SKIP_REC=True,
-        **record_constexprs(cfg), num_warps=warps0, num_stages=2)
+        **record_constexprs(cfg), PDL=pdl, num_warps=warps0, num_stages=2, **_pdl_kw(pdl))

@@ -276,6 +276,15 @@ def _q_chunk(q_ptr, stride_qh, K: gl.constexpr, ks_ptr, kz_ptr, QH, qk_scale):
 
 
 @gluon.jit
+def _grid_dependency_sync():
+    """decode_attention._grid_dependency_sync in Gluon (programmatic dependent launch):
+    griddepcontrol.wait, then launch_dependents, once per lane, before any load."""
+    lane = gl.arange(0, 32, layout=LANE_L)
+    gl.inline_asm_elementwise("griddepcontrol.wait; griddepcontrol.launch_dependents; // $0 $1", "=r,r",
+                              [lane], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _prefetch_record_l2(rec, PF_ASM: gl.constexpr):
     """Ask L2 for a whole record (one bulk prefetch with the same address in every lane, so
     ptxas issues it once; no registers held): the record AHEAD iterations on, so that
@@ -365,10 +374,13 @@ def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, q
                             PF_ASM: gl.constexpr,
                             OFF_KC: gl.constexpr, OFF_KS: gl.constexpr, OFF_KZ: gl.constexpr,
                             OFF_KT: gl.constexpr, OFF_VC: gl.constexpr, OFF_VCH: gl.constexpr,
-                            OFF_VS: gl.constexpr, OFF_VZ: gl.constexpr, PAIR: gl.constexpr = False):
+                            OFF_VS: gl.constexpr, OFF_VZ: gl.constexpr, PAIR: gl.constexpr = False,
+                            PDL: gl.constexpr = False):
     # D 64: one 64-row V accumulator (half-word V loads); 128: one 128-row; 256: two
     # 128-row halves (channels 0..127, 128..255), each the head_dim-128 V path
     VN: gl.constexpr = 128 if D >= 128 else 64
+    if PDL:     # launched with programmatic dependent launch (decode_attention.PDL)
+        _grid_dependency_sync()
     pid = gl.program_id(0)
     split = gl.program_id(1)
     b = pid // HKV

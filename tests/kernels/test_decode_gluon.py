@@ -172,3 +172,75 @@ def test_side_stream_modes():
         assert (side_stream_on(mode, False), side_stream_on(mode, True)) == expect, mode
     with pytest.raises(ValueError):
         side_stream_on("yes", False)
+
+
+def _chained(cfg, q0, kv, records, bt, ctx, steps, kernel, pdl, graph):
+    """``steps`` decode calls, each one's output the next one's query (so a kernel that
+    read q before the previous call finished would read stale values), eagerly or as one
+    captured CUDA graph replayed once; returns every step's output."""
+    outs = [torch.empty_like(q0) for _ in range(steps)]
+    q = q0.clone()
+
+    def run():
+        src = q
+        for o in outs:
+            paged_decode_attention(src, kv, records, bt, ctx, cfg, out=o, kernel=kernel, pdl=pdl)
+            src = o
+    run()                                    # compiles outside any capture
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            run()
+        for o in outs:
+            o.zero_()
+        g.replay()
+    torch.cuda.synchronize()
+    return torch.stack(outs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel,d,chunks,side", [("gluon", 128, True, "graph"), ("gluon", 128, True, "1"),
+                                                  ("gluon", 64, False, "0"), ("gluon", 256, True, "0"),
+                                                  ("triton", 128, None, None)])
+def test_pdl_matches_plain_launch(kernel, d, chunks, side, monkeypatch):
+    """Programmatic dependent launch (KVARN_PDL) changes when kernels start, never what
+    they compute: eight chained calls (each output the next query) with and without it,
+    eagerly and replayed from a CUDA graph, bit for bit."""
+    from kvarn.kernels import decode_attention
+    if not decode_attention.pdl_on(torch.device("cuda"), True):
+        pytest.skip("PDL needs compute capability 9 or more")
+    if chunks is not None:
+        monkeypatch.setattr(decode_attention, "GLUON_FP16_CHUNKS", chunks)
+    if side is not None:
+        monkeypatch.setattr(decode_attention, "GLUON_SIDE_STREAM", side)
+    cfg = KVarNConfig.from_name("kvarn_k4v2_g128", d)
+    lens = [3000, 129, 40000, 1, 700]
+    kv, records, bt, ctx = build_paged_cache(cfg, lens, [1] * len(lens), 4, d, 128, seed=23)
+    q0 = torch.randn(len(lens), 16, d, device="cuda").half()
+    plain = _chained(cfg, q0, kv, records, bt, ctx, 8, kernel, False, graph=False)
+    assert torch.isfinite(plain).all()
+    for graph in (False, True):
+        got = _chained(cfg, q0, kv, records, bt, ctx, 8, kernel, True, graph=graph)
+        assert torch.equal(got, plain), graph
+
+
+def test_pdl_modes():
+    """KVARN_PDL: 1 / True on (CUDA, compute capability 9+ only), 0 / False off; anything
+    else is refused; on the CPU a decode call with pdl=True runs the plain launch."""
+    from kvarn.kernels.decode_attention import PDL, pdl_on
+    assert PDL in ("0", "1")
+    cpu = torch.device("cpu")
+    assert not pdl_on(cpu, "1") and not pdl_on(cpu, True) and not pdl_on(cpu, "0")
+    with pytest.raises(ValueError):
+        pdl_on(cpu, "yes")
+    if torch.cuda.is_available():
+        major = torch.cuda.get_device_capability()[0]
+        assert pdl_on(torch.device("cuda"), "1") == (major >= 9)
+        assert not pdl_on(torch.device("cuda"), False)
+    if not torch.cuda.is_available():
+        cfg = KVarNConfig.from_name("kvarn_k4v2_g64", 64)
+        kv, records, bt, ctx = build_paged_cache(cfg, [70, 200], [1, 1], 1, 64, 64)
+        q = torch.randn(2, 2, 64).half()
+        a = paged_decode_attention(q, kv, records, bt, ctx, cfg, num_splits=2, pdl=True)
+        b = paged_decode_attention(q, kv, records, bt, ctx, cfg, num_splits=2, pdl=False)
+        assert torch.equal(a, b)
