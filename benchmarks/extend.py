@@ -1,6 +1,6 @@
 """Extend (chunked prefill continuation) attention on the GPU: KVarN vs fp16 paged vs SDPA.
 
-    python benchmarks/extend.py [--out extend.json] [--shapes LABEL ...] [--variants]
+    python benchmarks/extend.py [--out extend.json] [--shapes LABEL ...] [--variants [--workspace-only]]
     python benchmarks/extend.py --plot benchmarks/results/extend_h100_s9.json   # no GPU needed
 
 Each shape (batch, cached prefix, new tokens per sequence; 32 query / 8 KV heads, D 128):
@@ -90,6 +90,8 @@ def main():
     ap.add_argument("--variants", action="store_true",
                     help="also time both kernels (rows, fa) at other row tiles, warp counts and stages, "
                          "on both caches")
+    ap.add_argument("--workspace-only", action="store_true",
+                    help="with --variants: only the fa kernel without and with the workspace, and over fp16")
     ap.add_argument("--plot", metavar="JSON", help="plot a results file (no GPU needed) and exit")
     args = ap.parse_args()
     if args.plot:
@@ -119,13 +121,16 @@ def main():
             # rows best with 4-8 new tokens; the default is now "auto" (extend_launch) and these are
             # the launches it chooses between and their neighbours, on both caches (the
             # launches test_extend_gpu_large checks).
-            for which, kernel, block_m, warps, stages, ws in [
-                    ("kvarn", "rows", 64, 4, 3, None), ("kvarn", "rows", 32, 4, 2, None),
-                    ("kvarn", "rows", 16, 2, 2, None), ("kvarn", "fa", None, None, None, False),
-                    ("kvarn", "fa", None, None, None, True), ("kvarn", "fa", 128, 4, 2, None),
-                    ("kvarn", "fa", 64, 4, 2, None), ("kvarn", "fa", 128, 8, 3, None),
-                    ("fp16", "rows", 64, 4, 3, None), ("fp16", "rows", 16, 2, 2, None),
-                    ("fp16", "fa", None, None, None, None)]:
+            launches = [
+                ("kvarn", "rows", 64, 4, 3, None), ("kvarn", "rows", 32, 4, 2, None),
+                ("kvarn", "rows", 16, 2, 2, None), ("kvarn", "fa", None, None, None, False),
+                ("kvarn", "fa", None, None, None, True), ("kvarn", "fa", 128, 4, 2, None),
+                ("kvarn", "fa", 64, 4, 2, None), ("kvarn", "fa", 128, 8, 3, None),
+                ("fp16", "rows", 64, 4, 3, None), ("fp16", "rows", 16, 2, 2, None),
+                ("fp16", "fa", None, None, None, None)]
+            if args.workspace_only:
+                launches = [x for x in launches if x[1] == "fa" and x[2] is None]
+            for which, kernel, block_m, warps, stages, ws in launches:
                 kw = dict(kernel=kernel, block_m=block_m, num_warps=warps, num_stages=stages, workspace=ws)
                 try:
                     ref = base if which == "kvarn" else case.run("fp16").float()

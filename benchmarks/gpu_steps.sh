@@ -24,6 +24,9 @@
 #   engine     engine.py --gpu and the GPU engine tests                        (150)
 #   store      store_variants.py (warps x register caps, NOTES.md attempt 35) and the
 #              GPU store tests                                                 (200)
+#   ws         the GPU extend tests of the fa kernel and its workspace, then extend.py
+#              timing fa without / with the workspace at the hundreds-of-tokens shapes
+#              and B32 x 16 (NOTES.md attempt 37's workspace in code order) (150 + 150)
 #   pdl        the GPU decode tests (test_decode_gluon.py, the PDL cases among them, and
 #              test_decode_attention.py), then pdl.py: graph replay and eager time with
 #              programmatic dependent launch off and on (NOTES.md attempt 38)  (300 + 300)
@@ -63,8 +66,11 @@ for step in "$@"; do
             run extend 300 $PY benchmarks/extend.py --variants --out "$RES/extend.json" ;;
     engine) run engine 150 bash -c "$PY benchmarks/engine.py --gpu --out '$RES/engine.json' && $PY -m pytest -q -m gpu tests/engine/test_gpu_engine.py" ;;
     store) run store 200 bash -c "$PY benchmarks/store_variants.py '$RES/store_variants.json' && $PY -m pytest -q -m gpu tests/kernels/test_store.py" ;;
+    ws) run ws_tests 150 $PY -m pytest -q -m gpu tests/kernels/test_extend_attention.py -k "workspace or fa"
+        run ws 150 $PY benchmarks/extend.py --variants --workspace-only --out "$RES/extend_ws.json" \
+             --shapes B1_P16K_T512 B1_P4K_T2K B4_P8K_T256 B32_P8K_T16 ;;
     pdl) run pdl_tests 300 $PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py tests/kernels/test_decode_attention.py
          run pdl 300 $PY benchmarks/pdl.py --out "$RES/pdl.json" ;;
-    *) echo "unknown step $step (tests tests_rest kernels breakdown variants extend engine store pdl)"; exit 2 ;;
+    *) echo "unknown step $step (tests tests_rest kernels breakdown variants extend engine store pdl ws)"; exit 2 ;;
   esac
 done

@@ -160,7 +160,8 @@ def _fa_fp16_range(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb, j0, j1, ro
                    G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DIRECT: tl.constexpr = False):
     """fp16 key tiles j0 .. j1-1 of BLOCK_N keys (block j // (G / BLOCK_N)), causal.
     The block's id is bt[j // SUB], or with DIRECT bt + j // SUB itself (an int: the
-    dequantized-prefix workspace, where a sequence's blocks are consecutive).
+    dequantized-prefix workspace, where a sequence's blocks are consecutive, its keys
+    in code order and V's columns already in v_chan order: read as they lie).
 
     FlashAttention orientation: q16 [M, D], acc [M, D]; K^T [D, BLOCK_N] and V
     [BLOCK_N, D] straight from the paged pool. V's columns come in the order v_cols
@@ -182,8 +183,11 @@ def _fa_fp16_range(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb, j0, j1, ro
         s = tl.dot(q16, kt)                                                           # [M, N]
         s = tl.where(key[None, :] <= row_pos[:, None], s, float("-inf"))
         p, alpha, m, l = _fa_softmax(s, m, l)
-        v = tl.load(k_ptr + stride_kv + offs_n[:, None] * D + v_cols[None, :],
-                    mask=(key < n_ctx)[:, None], other=0.0)                           # [N, D]
+        if DIRECT:
+            v = tl.load(k_ptr + stride_kv + offs_n[:, None] * D + offs_d[None, :])   # every key < n_ctx
+        else:
+            v = tl.load(k_ptr + stride_kv + offs_n[:, None] * D + v_cols[None, :],
+                        mask=(key < n_ctx)[:, None], other=0.0)                       # [N, D]
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, m, l
 
@@ -256,8 +260,13 @@ def _dequant_prefix_kernel(rec_ptr, bt_ptr, ctx_ptr, cu_ptr, ws_ptr, magic,
                            OFF_KT: tl.constexpr, OFF_VC: tl.constexpr, OFF_VCH: tl.constexpr,
                            OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr):
     """Record i = pid0 + 1 of sequence b, KV head pid1 -> fp16 K / V in the workspace
-    ws [2, B * max_blocks, Hkv, G, D] at block b * max_blocks + i, in the layout and
-    channel order of an fp16 cache block (what ``_fa_record`` would compute from it)."""
+    ws [2, B * max_blocks, Hkv, G, D] at block b * max_blocks + i: what ``_fa_record``
+    computes from it, stored in the order the codes unpack (``_code_order``), so that
+    every store is a contiguous run: slot h * REC_SUB + i holds token h * REC_SUB +
+    k_tok[i], and V column c channel v_chan[c] (the reader takes V's columns as they lie,
+    since the fa kernel's accumulator is in v_chan order anyway). Session 10 stored
+    natural order, V through the permuted channel index, 2-byte scattered stores, and
+    the workspace was 1.85-3.0x slower than none (NOTES.md attempt 37)."""
     i = tl.program_id(0) + 1
     kvh = tl.program_id(1)
     b = tl.program_id(2)
@@ -276,11 +285,11 @@ def _dequant_prefix_kernel(rec_ptr, bt_ptr, ctx_ptr, cu_ptr, ws_ptr, magic,
     vch = tl.load(rec16 + OFF_VCH // 2 + v_chan)
     out = ws_ptr + (b.to(tl.int64) * max_blocks + i) * stride_wb + kvh * (G * D)
     for h in tl.static_range(G // REC_SUB):
-        tok = h * REC_SUB + k_tok
+        slot = h * REC_SUB + tl.arange(0, REC_SUB)
         kd = _deq_k_piece(rec16, rec32, ks, kz, k_tok, h, magic, G, D, K_BITS, OFF_KC, OFF_KT)
-        tl.store(out + tok[None, :] * D + offs_d[:, None], kd)
+        tl.store(out + slot[None, :] * D + offs_d[:, None], kd)
         vd = _deq_v_piece(rec16, rec32, vch, k_tok, h, magic, D, V_BITS, OFF_VC, OFF_VS, OFF_VZ)
-        tl.store(out + stride_wkv + tok[:, None] * D + v_chan[None, :], vd)
+        tl.store(out + stride_wkv + slot[:, None] * D + offs_d[None, :], vd)
 
 
 @triton.jit
