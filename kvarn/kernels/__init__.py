@@ -2,7 +2,7 @@
 
     store_tiles, quantize_blocks_triton     fp16 tiles -> KVarN records     (store.py)
     paged_decode_attention                  one token per sequence, split-K (decode_attention.py;
-                                            on CUDA its records for k4v2_g128 at D=128 (64, 256 opt-in) by a
+                                            on CUDA its records for k4v2_g128 at D=64/128/256 by a
                                             Gluon kernel, decode_gluon.py, GPU only)
     paged_extend_attention                  varlen new tokens, causal       (extend_attention.py)
 
