@@ -583,20 +583,24 @@ def _merge_tile(po_ptr, plse_ptr, out_ptr, base, n_ok,
                 D: tl.constexpr, PARTS_P2: tl.constexpr, DCH: tl.constexpr):
     """Channels [DCH * program_id(2), + DCH) of sum_s 2^(lse_s - mx) o_s / sum_s
     2^(lse_s - mx) over the partials s < n_ok at row base of po / plse, stored at out_ptr.
-    A partial with lse -inf (a split with no key) adds nothing and its o is not read.
+    A partial with lse -inf (a split with no key) adds nothing: its o (never written,
+    possibly NaN) is loaded but replaced by 0.
 
-    Every partial's load is in flight at once; the channel slice keeps the tile at
-    PARTS_P2 x DCH values (the one-tile merge holds a [256, 128] fp32 tile in one 4-warp
-    program, 256 values per thread: 3.9 us at 129 partials on the H100, NOTES.md attempt 29)."""
+    Every partial's load is in flight at once, the o tile's together with the lse
+    values (masking o by lse made it wait for them: one more memory round trip per
+    program, NOTES.md attempt 41); the channel slice keeps the tile at PARTS_P2 x DCH
+    values (the one-tile merge holds a [256, 128] fp32 tile in one 4-warp program, 256
+    values per thread: 3.9 us at 129 partials on the H100, NOTES.md attempt 29)."""
     s = tl.arange(0, PARTS_P2)
     ok = s < n_ok
+    offs_d = tl.program_id(2) * DCH + tl.arange(0, DCH)
+    o = tl.load(po_ptr + (base + s)[:, None].to(tl.int64) * D + offs_d[None, :], mask=ok[:, None], other=0.0)
     lse = tl.load(plse_ptr + base + s, mask=ok, other=float("-inf"))
     mx = tl.max(lse, axis=0)
     mx = tl.where(mx > float("-inf"), mx, 0.0)
     live = ok & (lse > float("-inf"))
     w = tl.where(live, tl.exp2(lse - mx), 0.0)
-    offs_d = tl.program_id(2) * DCH + tl.arange(0, DCH)
-    o = tl.load(po_ptr + (base + s)[:, None].to(tl.int64) * D + offs_d[None, :], mask=live[:, None], other=0.0)
+    o = tl.where(live[:, None], o, 0.0)
     den = tl.sum(w, axis=0)
     res = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
     tl.store(out_ptr + offs_d, res.to(out_ptr.dtype.element_ty))
