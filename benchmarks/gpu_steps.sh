@@ -27,6 +27,7 @@
 #   ws         the GPU extend tests of the fa kernel and its workspace, then extend.py
 #              timing fa without / with the workspace at the hundreds-of-tokens shapes
 #              and B32 x 16 (NOTES.md attempt 37's workspace in code order) (150 + 150)
+#   bd         decode_breakdown.py alone, default launches (the breakdown step's first run) (150)
 #   pdl        the GPU decode tests (test_decode_gluon.py, the PDL cases among them, and
 #              test_decode_attention.py), then pdl.py: graph replay and eager time with
 #              programmatic dependent launch off and on (NOTES.md attempt 38)  (300 + 300)
@@ -69,8 +70,9 @@ for step in "$@"; do
     ws) run ws_tests 150 $PY -m pytest -q -m gpu tests/kernels/test_extend_attention.py -k "workspace or fa"
         run ws 150 $PY benchmarks/extend.py --variants --workspace-only --out "$RES/extend_ws.json" \
              --shapes B1_P16K_T512 B1_P4K_T2K B4_P8K_T256 B32_P8K_T16 ;;
+    bd) run bd 150 $PY benchmarks/decode_breakdown.py --out "$RES/breakdown.json" ;;
     pdl) run pdl_tests 300 $PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py tests/kernels/test_decode_attention.py
          run pdl 300 $PY benchmarks/pdl.py --out "$RES/pdl.json" ;;
-    *) echo "unknown step $step (tests tests_rest kernels breakdown variants extend engine store pdl ws)"; exit 2 ;;
+    *) echo "unknown step $step (tests tests_rest kernels breakdown variants extend engine store pdl ws bd)"; exit 2 ;;
   esac
 done
