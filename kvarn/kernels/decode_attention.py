@@ -959,8 +959,10 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
 # batch's sequences x KV heads x record blocks its block table can hold). H100 graph
 # replay, session 8 (NOTES.md attempt 30): with the chunked, side-stream fp16 part the
 # Gluon path ties the Triton kernel at B1 N4K (240 records, 0.0157 ms each) and wins at
-# D64 B1 N32K (762 records, 0.0120 vs 0.0167 ms)
-GLUON_MIN_RECORDS = 256
+# D64 B1 N32K (762 records, 0.0120 vs 0.0167 ms). Session 11, with PDL (attempt 38): the
+# Gluon path 0.0131-0.0133 ms at B1 N4K against the Triton kernel's 0.0150, so from 240
+# (B1 N4K's count; fewer records were not timed)
+GLUON_MIN_RECORDS = 240
 # head dims kernel="auto" gives the Gluon kernel (all three since session 7: H100 D64 B64
 # N16K 0.101 vs 0.171 ms for the Triton kernel, D256 B16 N16K 0.168 vs 0.240; NOTES.md
 # attempt 27); KVARN_GLUON_DIMS="128" (say) keeps the others on the Triton kernel.
@@ -988,8 +990,11 @@ GLUON_PAIR = os.environ.get("KVARN_GLUON_PAIR", "0") == "1"
 # a decode call is launched with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION and
 # starts with griddepcontrol.wait / launch_dependents (``_grid_dependency_sync``), so a
 # kernel's launch and its programs' start overlap the end of the kernel before it instead
-# of following it. KVARN_PDL=1 on, 0 off.
-PDL = os.environ.get("KVARN_PDL", "0")
+# of following it. KVARN_PDL=1 on (the default), 0 off. H100 graph replay, session 11
+# (results/pdl_h100_s11.json, two rounds each): B1 N4K Gluon path 0.0150 -> 0.0132 ms,
+# B1 N32K 0.0260 -> 0.0256, B1 N128K 0.0636 -> 0.0570, D64 B1 N32K 0.0110 -> 0.0097,
+# B16 N16K 0.105 -> 0.100; outputs bit-identical (test_pdl_matches_plain_launch).
+PDL = os.environ.get("KVARN_PDL", "1")
 _CAPABILITY: dict = {}
 
 

@@ -160,8 +160,8 @@ def _fa_fp16_range(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb, j0, j1, ro
                    G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DIRECT: tl.constexpr = False):
     """fp16 key tiles j0 .. j1-1 of BLOCK_N keys (block j // (G / BLOCK_N)), causal.
     The block's id is bt[j // SUB], or with DIRECT bt + j // SUB itself (an int: the
-    dequantized-prefix workspace, where a sequence's blocks are consecutive, its keys
-    in code order and V's columns already in v_chan order: read as they lie).
+    dequantized-prefix workspace, where a sequence's blocks are consecutive and every
+    key is below n_ctx; read with v_cols the identity).
 
     FlashAttention orientation: q16 [M, D], acc [M, D]; K^T [D, BLOCK_N] and V
     [BLOCK_N, D] straight from the paged pool. V's columns come in the order v_cols
@@ -184,7 +184,7 @@ def _fa_fp16_range(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb, j0, j1, ro
         s = tl.where(key[None, :] <= row_pos[:, None], s, float("-inf"))
         p, alpha, m, l = _fa_softmax(s, m, l)
         if DIRECT:
-            v = tl.load(k_ptr + stride_kv + offs_n[:, None] * D + offs_d[None, :])   # every key < n_ctx
+            v = tl.load(k_ptr + stride_kv + offs_n[:, None] * D + v_cols[None, :])    # every key < n_ctx
         else:
             v = tl.load(k_ptr + stride_kv + offs_n[:, None] * D + v_cols[None, :],
                         mask=(key < n_ctx)[:, None], other=0.0)                       # [N, D]
@@ -252,21 +252,28 @@ def _fa_record(acc, m, l, q16, rec, k_tok, v_chan, magic, G: tl.constexpr, D: tl
 
 
 @triton.jit
-def _dequant_prefix_kernel(rec_ptr, bt_ptr, ctx_ptr, cu_ptr, ws_ptr, magic,
+def _dequant_prefix_kernel(rec_ptr, bt_ptr, ctx_ptr, cu_ptr, ws_ptr,
                            stride_rb, stride_rh, stride_bt, stride_wkv, stride_wb, max_blocks,
-                           G: tl.constexpr, REC_SUB: tl.constexpr, D: tl.constexpr,
+                           G: tl.constexpr, SUB_T: tl.constexpr, D: tl.constexpr,
                            K_BITS: tl.constexpr, V_BITS: tl.constexpr,
                            OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KZ: tl.constexpr,
                            OFF_KT: tl.constexpr, OFF_VC: tl.constexpr, OFF_VCH: tl.constexpr,
                            OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr):
     """Record i = pid0 + 1 of sequence b, KV head pid1 -> fp16 K / V in the workspace
-    ws [2, B * max_blocks, Hkv, G, D] at block b * max_blocks + i: what ``_fa_record``
-    computes from it, stored in the order the codes unpack (``_code_order``), so that
-    every store is a contiguous run: slot h * REC_SUB + i holds token h * REC_SUB +
-    k_tok[i], and V column c channel v_chan[c] (the reader takes V's columns as they lie,
-    since the fa kernel's accumulator is in v_chan order anyway). Session 10 stored
-    natural order, V through the permuted channel index, 2-byte scattered stores, and
-    the workspace was 1.85-3.0x slower than none (NOTES.md attempt 37)."""
+    ws [2, B * max_blocks, Hkv, G, D] at block b * max_blocks + i, laid out as an fp16
+    cache block: token-major, tokens and channels in their natural order, so that the
+    fa kernel reads it (and every fp16 block, and stores its output) with no channel
+    permutation, in contiguous runs. Each value is KVARN_FORMAT.md's reconstruction in
+    fp32, rounded once to fp16:
+
+        K[t, d] = (code_k[d, t] k_scale[d] + k_zero[d]) k_tok[t]
+        V[t, d] = (code_v[t, d] v_scale[t] + v_zero[t]) v_chan[d]
+
+    A code is taken from its word by index arithmetic (word d * G bK / 32 + t / (32 / bK),
+    shift (t mod 32 / bK) bK for K; V alike along d), not by the attention kernels'
+    word unpack, whose order is ``_code_order``'s permutation. Session 10 stored that
+    permuted order (V through a permuted channel index: 2-byte scattered stores) and the
+    workspace was 1.85-3.0x slower than none (NOTES.md attempts 37, 40, 42)."""
     i = tl.program_id(0) + 1
     kvh = tl.program_id(1)
     b = tl.program_id(2)
@@ -274,22 +281,32 @@ def _dequant_prefix_kernel(rec_ptr, bt_ptr, ctx_ptr, cu_ptr, ws_ptr, magic,
     n_rec = tl.maximum((tl.load(ctx_ptr + b) - n_q) // G - 1, 0)
     if (i > n_rec) | (n_q <= 0):
         return
-    offs_d = tl.arange(0, D)
-    k_tok = _code_order(REC_SUB, K_BITS)
-    v_chan = _code_order(D, V_BITS)
     blk = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + i).to(tl.int64)
     rec = rec_ptr + kvh.to(tl.int64) * stride_rh + blk * stride_rb
     rec16 = rec.to(tl.pointer_type(tl.float16))
     rec32 = rec.to(tl.pointer_type(tl.int32))
-    ks, kz = _scale_zero(rec16, offs_d, K_BITS, OFF_KS, OFF_KZ)
-    vch = tl.load(rec16 + OFF_VCH // 2 + v_chan)
+    offs_d = tl.arange(0, D)
+    KPW: tl.constexpr = 32 // K_BITS                 # codes per 32-bit word
+    VPW: tl.constexpr = 32 // V_BITS
+    KMASK: tl.constexpr = (1 << K_BITS) - 1
+    VMASK: tl.constexpr = (1 << V_BITS) - 1
+    ks = tl.load(rec16 + OFF_KS // 2 + offs_d).to(tl.float32)
+    kz = tl.load(rec16 + OFF_KZ // 2 + offs_d).to(tl.float32)
+    vch = tl.load(rec16 + OFF_VCH // 2 + offs_d).to(tl.float32)
     out = ws_ptr + (b.to(tl.int64) * max_blocks + i) * stride_wb + kvh * (G * D)
-    for h in tl.static_range(G // REC_SUB):
-        slot = h * REC_SUB + tl.arange(0, REC_SUB)
-        kd = _deq_k_piece(rec16, rec32, ks, kz, k_tok, h, magic, G, D, K_BITS, OFF_KC, OFF_KT)
-        tl.store(out + slot[None, :] * D + offs_d[:, None], kd)
-        vd = _deq_v_piece(rec16, rec32, vch, k_tok, h, magic, D, V_BITS, OFF_VC, OFF_VS, OFF_VZ)
-        tl.store(out + stride_wkv + slot[:, None] * D + offs_d[None, :], vd)
+    for h in tl.static_range(G // SUB_T):
+        t = h * SUB_T + tl.arange(0, SUB_T)
+        kt = tl.load(rec16 + OFF_KT // 2 + t).to(tl.float32)
+        kw = tl.load(rec32 + OFF_KC // 4 + offs_d[None, :] * (G // KPW) + (t // KPW)[:, None])
+        kc = ((kw >> ((t % KPW) * K_BITS)[:, None]) & KMASK).to(tl.float32)
+        k = (kc * ks[None, :] + kz[None, :]) * kt[:, None]
+        tl.store(out + t[:, None] * D + offs_d[None, :], k.to(tl.float16))
+        vs = tl.load(rec16 + OFF_VS // 2 + t).to(tl.float32)
+        vz = tl.load(rec16 + OFF_VZ // 2 + t).to(tl.float32)
+        vw = tl.load(rec32 + OFF_VC // 4 + t[:, None] * (D // VPW) + (offs_d // VPW)[None, :])
+        vc = ((vw >> ((offs_d % VPW) * V_BITS)[None, :]) & VMASK).to(tl.float32)
+        v = (vc * vs[:, None] + vz[:, None]) * vch[None, :]
+        tl.store(out + stride_wkv + t[:, None] * D + offs_d[None, :], v.to(tl.float16))
 
 
 @triton.jit
@@ -320,7 +337,8 @@ def _extend_fa_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, cu_ptr, out_ptr, 
 
     offs_d = tl.arange(0, D)
     tok, head, row_ok, row_pos = _program_rows(pid_q, kvh, n_q, prefix, QH, BLOCK_M, BLOCK_T)
-    k_tok, v_cols = _key_orders(REC_SUB, D, K_BITS, V_BITS, IS_KVARN)
+    # with the workspace no record is read here: every tile, and the output, in natural order
+    k_tok, v_cols = _key_orders(REC_SUB, D, K_BITS, V_BITS, IS_KVARN and not WS)
     q = tl.load(q_ptr + (q_start + tok)[:, None].to(tl.int64) * stride_qt
                 + head[:, None] * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     q16 = (q.to(tl.float32) * qk_scale).to(q.dtype)                       # [M, D]
@@ -425,17 +443,29 @@ def paged_extend_attention(q, kv_fp16, records, block_tables, context_lens, cu_s
         workspace = use_workspace(cfg, grid[0], bsz, block_tables.shape[1], hkv, g, d)
     ws = None
     if workspace and cfg is not None:
-        max_blocks = block_tables.shape[1]
-        ws = torch.empty(2, bsz * max_blocks, hkv, g, d, dtype=kv_fp16.dtype, device=q.device)
-        _dequant_prefix_kernel[(max(max_blocks - 1, 1), hkv, bsz)](
-            records, block_tables, context_lens, cu_seqlens_q, ws, FP16_MAGIC,
-            srb, srh, block_tables.stride(0), ws.stride(0), ws.stride(1), max_blocks,
-            G=g, REC_SUB=min(g, 64), D=d, **{k: v for k, v in record_constexprs(cfg).items() if k != "IS_KVARN"},
-            num_warps=4)
+        ws = dequant_prefix(records, block_tables, context_lens, cu_seqlens_q, cfg, kv_fp16.dtype)
     ws_args = (ws, ws.stride(0), ws.stride(1)) if ws is not None else (kv_fp16, 0, 0)   # unused without WS
     _extend_fa_kernel[grid](*args, *ws_args, block_tables.shape[1],
                             **consts, WS=ws is not None, num_warps=num_warps, num_stages=num_stages)
     return out
+
+
+def dequant_prefix(records, block_tables, context_lens, cu_seqlens_q, cfg: KVarNConfig,
+                   dtype=torch.float16) -> torch.Tensor:
+    """The extend workspace: every sequence's records (blocks 1 .. n_rec of its prefix,
+    n_rec = max((context - new tokens) // G - 1, 0)) dequantized into
+    ws [2, B * max_blocks, Hkv, G, D] (K, V), block i of sequence b at row b * max_blocks
+    + i, in an fp16 cache block's layout (``_dequant_prefix_kernel``); other rows are
+    left unwritten."""
+    bsz, max_blocks = block_tables.shape
+    hkv, g, d = records.shape[1], cfg.group_size, cfg.head_dim
+    ws = torch.empty(2, bsz * max_blocks, hkv, g, d, dtype=dtype, device=records.device)
+    _dequant_prefix_kernel[(max(max_blocks - 1, 1), hkv, bsz)](
+        records, block_tables, context_lens, cu_seqlens_q, ws,
+        records.stride(0), records.stride(1), block_tables.stride(0), ws.stride(0), ws.stride(1), max_blocks,
+        G=g, SUB_T=min(g, 8192 // d), D=d, **{k: v for k, v in record_constexprs(cfg).items() if k != "IS_KVARN"},
+        num_warps=4)
+    return ws
 
 
 # The workspace (paged_extend_attention) is used when at least this many programs per KV

@@ -71,6 +71,32 @@ def test_extend_matches_reference(preset, d, qh, lens, q_lens, block_m, kernel):
                  workspace=True)
 
 
+@pytest.mark.parametrize("preset,d", [("kvarn_k4v2_g64", 64), ("kvarn_k4v4_g128", 128),
+                                      ("kvarn_k4v2_g128", 256)])
+def test_dequant_prefix_matches_reference_dequantization(preset, d):
+    """The workspace holds every prefix record dequantized in an fp16 cache block's
+    layout (natural token and channel order): against kvarn.quant's reconstruction of
+    the same records, to fp16 rounding."""
+    from kvarn.kernels.extend_attention import dequant_prefix
+    from kvarn.quant.records import dequantize_rotated_blocks
+    from test_decode_attention import build_paged_cache as build
+    cfg = KVarNConfig.from_name(preset, d)
+    g = cfg.group_size
+    lens, q_lens = [4 * g + 5, g + 3, 3 * g], [7, 3, g]      # 2, 0 and 1 prefix records
+    kv, records, bt, ctx = build(cfg, lens, q_lens, 2, d, g, seed=d)
+    cu = torch.tensor([0, 7, 10, 10 + g], dtype=torch.int32, device=DEVICE)
+    ws = dequant_prefix(records, bt, ctx, cu, cfg).float().cpu()
+    seen = 0
+    for b, (n, t) in enumerate(zip(lens, q_lens)):
+        for i in range(1, max((n - t) // g - 1, 0) + 1):
+            k_ref, v_ref = dequantize_rotated_blocks(records[bt[b, i].long()][None].cpu(), cfg)
+            row = b * bt.shape[1] + i
+            for got, ref in ((ws[0, row], k_ref[0]), (ws[1, row], v_ref[0])):   # [Hkv, G, D], [G, Hkv, D]
+                torch.testing.assert_close(got, ref.transpose(0, 1).half().float(), atol=1e-3, rtol=1e-3)
+            seen += 1
+    assert seen == 3
+
+
 def test_extend_workspace_matches_records():
     """The prefix-dequant workspace holds what the fa kernel computes from the records
     itself: outputs agree to fp32 summation order, and both match the reference."""
