@@ -10,11 +10,10 @@ CUDA-graph replay timing (16 distinct caches, L2 cold).
 """
 import argparse
 import json
-import sys
 
 import torch
 
-from kernels import PRESET, SHAPES, PagedCase, git_commit, gluon_settings, graph_latency, source_sha256   # this folder is sys.path[0]
+from kernels import PRESET, SHAPES, PagedCase, graph_latency, run_header, wall_ms   # this folder is sys.path[0]
 
 
 def breakdown(label: str, kernel: str, calls: int = 20, num_splits: int | None = None,
@@ -39,16 +38,11 @@ def breakdown(label: str, kernel: str, calls: int = 20, num_splits: int | None =
     for e in prof.events():
         if e.device_type.name == "CUDA":
             per[e.name] = per.get(e.name, 0.0) + e.device_time_total / 1e3 / calls
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(calls):
-        fn()
-    e1.record()
-    e1.synchronize()
+    wall = wall_ms(fn, calls)
     del case
     torch.cuda.empty_cache()
     return {"shape": label, "kernel": kernel, "num_splits": num_splits, "maxnreg": maxnreg, "kernels_ms_per_call": per,
-            "sum_kernels_ms": sum(per.values()), "wall_ms_per_call": e0.elapsed_time(e1) / calls}
+            "sum_kernels_ms": sum(per.values()), "wall_ms_per_call": wall}
 
 
 def main():
@@ -59,8 +53,6 @@ def main():
                     help="also profile kernel='gluon' at these split counts (and register caps); "
                          "e.g. 254:128 = one record per program, 16 programs per SM at D 128")
     args = ap.parse_args()
-    import platform
-    import triton
     rows = []
     for label in args.shapes:
         launches = [("auto", None, None), ("triton", None, None), ("gluon", None, None)]
@@ -81,13 +73,7 @@ def main():
               f"(kvarn/sdpa {r['kvarn_over_sdpa']:.2f})"
               + "".join(f", {k[6:]} kernel {r[k]['ms_median']:.4f}" for k in ("kvarn_triton", "kvarn_gluon") if k in r),
               flush=True)
-    props = torch.cuda.get_device_properties(0)
-    json.dump({"command": " ".join(["python"] + sys.argv), "git_commit": git_commit(),
-               "source_sha256": source_sha256(), "gluon": gluon_settings(),
-               "device": {"name": props.name, "sms": props.multi_processor_count},
-               "versions": {"torch": torch.__version__, "triton": triton.__version__,
-                            "python": platform.python_version(), "cuda": torch.version.cuda},
-               "rows": rows, "graph_latency": graph}, open(args.out, "w"), indent=1)
+    json.dump({**run_header(), "rows": rows, "graph_latency": graph}, open(args.out, "w"), indent=1)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,35 @@ def gluon_settings() -> dict:
             "side_stream": da.GLUON_SIDE_STREAM, "pair": da.GLUON_PAIR, "pdl": da.PDL}
 
 
+def run_header() -> dict:
+    """What every results file starts with: the command, the code, the device and the
+    versions."""
+    import triton
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "git_commit": git_commit(),
+        "source_sha256": source_sha256(),
+        "device": {"name": props.name, "sms": props.multi_processor_count,
+                   "memory_GiB": props.total_memory / 2**30},
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+                     "cuda": torch.version.cuda},
+        "gluon": gluon_settings(),
+    }
+
+
+def wall_ms(fn, calls: int) -> float:
+    """Wall time per call of ``calls`` back-to-back calls of fn, by CUDA events (launch
+    gaps and host time included)."""
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(calls):
+        fn()
+    e1.record()
+    e1.synchronize()
+    return e0.elapsed_time(e1) / calls
+
+
 def bench(fn, warmup=25, rep=200) -> float:
     import triton.testing
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
@@ -638,25 +667,13 @@ def main():
     if args.diag is not None:
         diag(args.diag or list(DIAG_CASES))
         return
-    import triton
     t0 = time.time()
 
     def log(msg):
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
-    props = torch.cuda.get_device_properties(0)
-    res = {
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "git_commit": git_commit(),
-        "source_sha256": source_sha256(),
-        "device": {"name": props.name, "sms": props.multi_processor_count,
-                   "memory_GiB": props.total_memory / 2**30},
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-                     "cuda": torch.version.cuda},
-        "timing": "triton.testing.do_bench median (L2 flushed before each call)",
-        "kvarn_preset": PRESET,
-        "gluon": gluon_settings(),
-    }
+    res = {**run_header(), "timing": "triton.testing.do_bench median (L2 flushed before each call)",
+           "kvarn_preset": PRESET}
     res["copy_bw_Bps"] = copy_bandwidth()
     log(f"copy bandwidth {res['copy_bw_Bps'] / 1e12:.3f} TB/s (read + write)")
     res["decode"] = decode_rows(args, res["copy_bw_Bps"], log)

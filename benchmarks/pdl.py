@@ -10,12 +10,10 @@ spread of its two numbers is the noise of the run).
 """
 import argparse
 import json
-import platform
-import sys
 
 import torch
 
-from kernels import PRESET, SHAPES, PagedCase, git_commit, gluon_settings, graph_latency, source_sha256   # this folder is sys.path[0]
+from kernels import PRESET, SHAPES, PagedCase, graph_latency, run_header, wall_ms   # this folder is sys.path[0]
 
 
 def eager_ms(label: str, calls: int = 50) -> float:
@@ -30,15 +28,10 @@ def eager_ms(label: str, calls: int = 50) -> float:
     for _ in range(10):
         fn()
     torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(calls):
-        fn()
-    e1.record()
-    e1.synchronize()
+    ms = wall_ms(fn, calls)
     del case
     torch.cuda.empty_cache()
-    return e0.elapsed_time(e1) / calls
+    return ms
 
 
 def main():
@@ -47,8 +40,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default="pdl.json")
     args = ap.parse_args()
-    import triton
     from kvarn.kernels import decode_attention
+    header, default = run_header(), decode_attention.PDL
     rows = []
     for label in args.shapes:
         for rnd in range(args.rounds):
@@ -61,14 +54,8 @@ def main():
                 print(f"{label:12s} round {rnd} pdl {mode}: " + ", ".join(
                     f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float)), flush=True)
                 # rewritten after every row: a later fault must not lose the numbers
-                props = torch.cuda.get_device_properties(0)
-                json.dump({"command": " ".join(["python"] + sys.argv), "git_commit": git_commit(),
-                           "source_sha256": source_sha256(), "gluon": gluon_settings(),
-                           "device": {"name": props.name, "sms": props.multi_processor_count},
-                           "versions": {"torch": torch.__version__, "triton": triton.__version__,
-                                        "python": platform.python_version(), "cuda": torch.version.cuda},
-                           "rows": rows}, open(args.out, "w"), indent=1)
-    decode_attention.PDL = "0"
+                json.dump({**header, "rows": rows}, open(args.out, "w"), indent=1)
+    decode_attention.PDL = default
 
 
 if __name__ == "__main__":
