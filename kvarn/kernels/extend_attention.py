@@ -57,8 +57,11 @@ from kvarn.kernels.decode_attention import (
 # The default extend kernel: "auto" (``extend_launch``'s choice by shape), "rows" or "fa".
 EXTEND_KERNEL = os.environ.get("KVARN_EXTEND_KERNEL", "auto")
 # The fa kernel's fp16 workspace for the records by default: "auto" (``use_workspace``),
-# "1" (always) or "0" (never). "0": it measured 1.85-3.0x slower than without (H100,
-# results/extend_h100_s10b.json; benchmarks/NOTES.md attempt 37).
+# "1" (always) or "0" (never). "0": session 10's measured 1.85-3.0x slower than without
+# (H100, results/extend_h100_s10b.json; NOTES.md attempt 37); with contiguous stores it
+# was 1.21-1.37x faster with hundreds of new tokens (results/extend_ws_h100_s11.json,
+# attempt 40), and the natural-order version now here (attempt 42) has not yet run on a
+# GPU, so it stays opt-in.
 EXTEND_WORKSPACE = os.environ.get("KVARN_EXTEND_WORKSPACE", "0")
 
 
@@ -481,9 +484,10 @@ def use_workspace(cfg: KVarNConfig | None, programs_per_head: int, bsz: int, max
     The rule as designed: a program of 128 rows spends about as long dequantizing a
     record in registers (2.3 us on the H100, results/extend_h100_s10.json) as the
     workspace costs per record (write and read back 4 G D bytes), so from two programs
-    per record on, the workspace would be the cheaper side. Measured, it was not
-    (1.85-3.0x slower at 8-64 programs per record, results/extend_h100_s10b.json), so
-    it is used only with ``KVARN_EXTEND_WORKSPACE=auto``."""
+    per record on, the workspace would be the cheaper side. Session 10's version was
+    1.85-3.0x slower at 8-64 programs per record (scattered stores), session 11's
+    1.21-1.37x faster (results/extend_ws_h100_s11.json); the current, natural-order one
+    is not yet GPU-timed, so this rule applies only with ``KVARN_EXTEND_WORKSPACE=auto``."""
     return (cfg is not None and programs_per_head >= WS_MIN_PROGRAMS
             and 4 * bsz * max_blocks * hkv * g * d <= WS_MAX_BYTES)
 
