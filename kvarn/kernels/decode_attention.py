@@ -82,6 +82,10 @@ tail in chunks of keys (``_fp16_chunk_kernel``; on a second stream while a CUDA 
 captured) and merges the partials over channel slices (``_merge_chunks_kernel``); with
 ``GLUON_FP16_CHUNKS`` off, this kernel covers the sink and tail (``SKIP_REC``) and
 ``_merge_parts_kernel`` merges.
+
+On Hopper and later every kernel of a call is launched with programmatic dependent
+launch (``PDL``, ``KVARN_PDL``): it starts with ``griddepcontrol.wait`` before its first
+load, so its launch overlaps the end of the kernel before it.
 """
 from __future__ import annotations
 
@@ -1006,12 +1010,22 @@ def pdl_on(device: torch.device, mode=None) -> bool:
         return False
     if mode not in (True, "1"):
         raise ValueError(f"KVARN_PDL / pdl takes 1 or 0, got {mode!r}")
-    if device.type != "cuda":
+    if device.type != "cuda" or not _triton_launches_pdl():
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _CAPABILITY:
         _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)[0]
     return _CAPABILITY[idx] >= 9
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_launches_pdl() -> bool:
+    """Whether this Triton's CUDA launcher takes ``launch_pdl`` (3.4 and later)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
 def _pdl_kw(pdl: bool) -> dict:
