@@ -6,14 +6,16 @@ small-batch shapes where launches and the split merge, not record bytes, set the
 Each shape: the default ``paged_decode_attention`` call (and kernel="triton"), 20 calls
 after warm-up; per kernel name the mean device time per call, and the wall time per call
 of the whole sequence (launch gaps included) from CUDA events. Then kernels.py's
-CUDA-graph replay timing (16 distinct caches, L2 cold).
+CUDA-graph replay timing (16 distinct caches, L2 cold), with the default path's kernels
+profiled inside the replays (``kernels_ms_per_call`` of the graph rows: cold-L2 kernel
+times; the eager rows above reuse one cache, whose records may stay in L2).
 """
 import argparse
 import json
 
 import torch
 
-from kernels import PRESET, SHAPES, PagedCase, graph_latency, run_header, wall_ms   # this folder is sys.path[0]
+from kernels import PRESET, SHAPES, PagedCase, graph_latency, kernel_times, run_header, wall_ms   # this folder is sys.path[0]
 
 
 def breakdown(label: str, kernel: str, calls: int = 20, num_splits: int | None = None,
@@ -34,10 +36,7 @@ def breakdown(label: str, kernel: str, calls: int = 20, num_splits: int | None =
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    per = {}
-    for e in prof.events():
-        if e.device_type.name == "CUDA":
-            per[e.name] = per.get(e.name, 0.0) + e.device_time_total / 1e3 / calls
+    per = kernel_times(prof, calls)
     wall = wall_ms(fn, calls)
     del case
     torch.cuda.empty_cache()
@@ -67,11 +66,13 @@ def main():
                   + ", ".join(f"{k[:40]} {v:.4f}" for k, v in r["kernels_ms_per_call"].items()), flush=True)
     graph = []
     for label in args.shapes:
-        r = graph_latency(label, copies=8 if "128K" in label else 16)
+        r = graph_latency(label, copies=8 if "128K" in label else 16, profile_names=("kvarn",))
         graph.append(r)
         print(f"graph {label:14s}: kvarn {r['kvarn']['ms_median']:.4f} sdpa {r['sdpa']['ms_median']:.4f} ms "
               f"(kvarn/sdpa {r['kvarn_over_sdpa']:.2f})"
-              + "".join(f", {k[6:]} kernel {r[k]['ms_median']:.4f}" for k in ("kvarn_triton", "kvarn_gluon") if k in r),
+              + "".join(f", {k[6:]} kernel {r[k]['ms_median']:.4f}" for k in ("kvarn_triton", "kvarn_gluon") if k in r)
+              + "; in the replays: " + ", ".join(f"{k[:40]} {v:.4f}"
+                                                 for k, v in r["kvarn"].get("kernels_ms_per_call", {}).items()),
               flush=True)
     json.dump({**run_header(), "rows": rows, "graph_latency": graph}, open(args.out, "w"), indent=1)
 

@@ -296,13 +296,26 @@ def decode_row(label, args, copy_bw) -> dict:
     return row
 
 
-def graph_latency(label, copies: int = 16, replays: int = 50) -> dict:
+def kernel_times(prof, calls: int) -> dict:
+    """Per CUDA kernel name, the device time per call (ms) of a torch.profiler run of
+    ``calls`` calls."""
+    per = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            per[e.name] = per.get(e.name, 0.0) + e.device_time_total / 1e3 / calls
+    return per
+
+
+def graph_latency(label, copies: int = 16, replays: int = 50, profile_names=()) -> dict:
     """Small-batch latency without the CPU in it and with L2 cold: ``copies`` distinct
     caches of the shape (one PagedCase of batch * copies sequences, each with its own
     memory) are called one after another inside one CUDA graph, as the engine replays
     decode; time per call = graph time / copies. do_bench's per-call events instead
     include whatever launch latency the GPU waits on, which for a ~30 us kernel made the
-    B=1 rows bimodal (NOTES.md attempt 17)."""
+    B=1 rows bimodal (NOTES.md attempt 17). profile_names: for these paths, also each
+    kernel's device time per call inside the replays (torch.profiler over 5 replays):
+    the cold-L2 kernel times, which a profile of repeated eager calls on one cache
+    (decode_breakdown.py's rows) understates where the records fit in L2."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from kvarn.format import KVarNConfig
     from kvarn.kernels.decode_attention import paged_decode_attention
@@ -360,6 +373,13 @@ def graph_latency(label, copies: int = 16, replays: int = 50) -> dict:
             times.append(e0.elapsed_time(e1) / copies)
         times.sort()
         row[name] = {"ms_median": times[len(times) // 2], "ms_min": times[0], "ms_max": times[-1]}
+        if name in profile_names:
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    g.replay()
+                torch.cuda.synchronize()
+            row[name]["kernels_ms_per_call"] = kernel_times(prof, 5 * copies)
         del g
     row["kvarn_over_sdpa"] = row["kvarn"]["ms_median"] / row["sdpa"]["ms_median"]
     del case
