@@ -225,9 +225,10 @@ def test_pdl_matches_plain_launch(kernel, d, chunks, side, monkeypatch):
 
 
 def test_pdl_modes():
-    """KVARN_PDL: 1 / True on (CUDA, compute capability 9+ only), 0 / False off; anything
+    """KVARN_PDL: 1 / True on (CUDA, compute capability 9+, a Triton whose launcher takes
+    launch_pdl), 0 / False off; anything
     else is refused; on the CPU a decode call with pdl=True runs the plain launch."""
-    from kvarn.kernels.decode_attention import PDL, pdl_on
+    from kvarn.kernels.decode_attention import PDL, _triton_launches_pdl, pdl_on
     assert PDL in ("0", "1")
     cpu = torch.device("cpu")
     assert not pdl_on(cpu, "1") and not pdl_on(cpu, True) and not pdl_on(cpu, "0")
@@ -235,7 +236,7 @@ def test_pdl_modes():
         pdl_on(cpu, "yes")
     if torch.cuda.is_available():
         major = torch.cuda.get_device_capability()[0]
-        assert pdl_on(torch.device("cuda"), "1") == (major >= 9)
+        assert pdl_on(torch.device("cuda"), "1") == (major >= 9 and _triton_launches_pdl())
         assert not pdl_on(torch.device("cuda"), False)
     if not torch.cuda.is_available():
         cfg = KVarNConfig.from_name("kvarn_k4v2_g64", 64)
