@@ -163,8 +163,8 @@ def _fa_fp16_range(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb, j0, j1, ro
                    G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DIRECT: tl.constexpr = False):
     """fp16 key tiles j0 .. j1-1 of BLOCK_N keys (block j // (G / BLOCK_N)), causal.
     The block's id is bt[j // SUB], or with DIRECT bt + j // SUB itself (an int: the
-    dequantized-prefix workspace, where a sequence's blocks are consecutive and every
-    key is below n_ctx; read with v_cols the identity).
+    dequantized-prefix workspace, where a sequence's blocks are consecutive; read with
+    v_cols the identity).
 
     FlashAttention orientation: q16 [M, D], acc [M, D]; K^T [D, BLOCK_N] and V
     [BLOCK_N, D] straight from the paged pool. V's columns come in the order v_cols
@@ -186,11 +186,8 @@ def _fa_fp16_range(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb, j0, j1, ro
         s = tl.dot(q16, kt)                                                           # [M, N]
         s = tl.where(key[None, :] <= row_pos[:, None], s, float("-inf"))
         p, alpha, m, l = _fa_softmax(s, m, l)
-        if DIRECT:
-            v = tl.load(k_ptr + stride_kv + offs_n[:, None] * D + v_cols[None, :])    # every key < n_ctx
-        else:
-            v = tl.load(k_ptr + stride_kv + offs_n[:, None] * D + v_cols[None, :],
-                        mask=(key < n_ctx)[:, None], other=0.0)                       # [N, D]
+        v = tl.load(k_ptr + stride_kv + offs_n[:, None] * D + v_cols[None, :],
+                    mask=(key < n_ctx)[:, None], other=0.0)                           # [N, D]
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, m, l
 
