@@ -123,7 +123,9 @@ def main():
             # launches test_extend_gpu_large checks).
             launches = [
                 ("kvarn", "rows", 64, 4, 3, None), ("kvarn", "rows", 32, 4, 2, None),
-                ("kvarn", "rows", 16, 2, 2, None), ("kvarn", "fa", None, None, None, False),
+                ("kvarn", "rows", 16, 2, 2, None), ("kvarn", "rows", 16, 2, 2, "joint"),
+                ("kvarn", "rows", 16, 4, 2, "joint"), ("kvarn", "rows", 32, 4, 2, "joint"),
+                ("kvarn", "fa", None, None, None, False),
                 ("kvarn", "fa", None, None, None, True), ("kvarn", "fa", 128, 4, 2, None),
                 ("kvarn", "fa", 64, 4, 2, None), ("kvarn", "fa", 128, 8, 3, None),
                 ("fp16", "rows", 64, 4, 3, None), ("fp16", "rows", 16, 2, 2, None),
@@ -131,7 +133,13 @@ def main():
             if args.workspace_only:
                 launches = [x for x in launches if x[1] == "fa" and x[2] is None]
             for which, kernel, block_m, warps, stages, ws in launches:
-                kw = dict(kernel=kernel, block_m=block_m, num_warps=warps, num_stages=stages, workspace=ws)
+                # the last field: the fa kernel's workspace, or "joint" for the rows kernel's
+                # rec_joint (NOTES.md attempt 43)
+                kw = dict(kernel=kernel, block_m=block_m, num_warps=warps, num_stages=stages)
+                if ws == "joint":
+                    kw["rec_joint"] = True
+                else:
+                    kw["workspace"] = ws
                 try:
                     ref = base if which == "kvarn" else case.run("fp16").float()
                     diff = (case.run(which, **kw).float() - ref).abs().max().item()
@@ -140,7 +148,7 @@ def main():
                     row["variants"].append({"cache": which, **kw, "error": f"{type(e).__name__}: {str(e)[:200]}"})
                     continue
                 row["variants"].append({"cache": which, **kw, "ms": ms, "max_abs_diff_vs_default": diff})
-                print(f"    {which} {kernel} block_m {block_m} warps {warps} stages {stages} workspace {ws}: "
+                print(f"    {which} {kernel} block_m {block_m} warps {warps} stages {stages} workspace/joint {ws}: "
                       f"{ms:.4f} ms "
                       f"(diff {diff:.1e})", flush=True)
         rows.append(row)
@@ -171,7 +179,7 @@ def plot(path: str) -> str:
         ax.bar([j + (i - 1) * w for j in x], [r[f"{name}_ms"] for r in rows], w, label=label, color=color)
     marks = "ov^sD<>ph*xXd+"
     kind_of = lambda v: (v.get("cache", "kvarn"), v.get("kernel", "rows"), v["block_m"], v["num_warps"],
-                         v.get("num_stages", 2), v.get("workspace"))
+                         v.get("num_stages", 2), v.get("workspace"), v.get("rec_joint"))
     kinds = sorted({kind_of(v) for r in rows for v in r.get("variants", []) if "ms" in v}, key=str)
     for k, kind in enumerate(kinds):
         pts = [(j + (-w if kind[0] == "kvarn" else 0), v["ms"]) for j, r in enumerate(rows)
@@ -179,6 +187,8 @@ def plot(path: str) -> str:
         launch = "default launch" if kind[2] is None else f"{kind[2]} rows, {kind[3]} warps, {kind[4]} stages"
         if kind[5] is not None:
             launch += ", workspace" if kind[5] else ", no workspace"
+        if kind[6]:
+            launch += ", joint records"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marks[k % len(marks)],
                 color="k" if kind[1] == "rows" else "C3", mfc="none",
                 label=f"{'KVarN' if kind[0] == 'kvarn' else 'fp16'} {kind[1]}, {launch}")

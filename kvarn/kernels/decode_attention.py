@@ -420,6 +420,39 @@ def _record_tile_joint(acc, m, l, lt, q16, rec, k_tok, scales, magic, G: tl.cons
 
 
 @triton.jit
+def _joint_records(acc, m, l, q16, bt, rec_head, stride_rb, r0, r1, k_tok, v_chan, magic,
+                   G: tl.constexpr, D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+                   OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KZ: tl.constexpr,
+                   OFF_KT: tl.constexpr, OFF_VC: tl.constexpr, OFF_VCH: tl.constexpr,
+                   OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr, PREFETCH: tl.constexpr):
+    """Records r0 .. r1-1 of a block-table row (block ids at bt) by ``_record_tile_joint``,
+    every key visible to every row of q16 [D, R]; the scale fields loaded one record
+    ahead (PREFETCH 1), hinted into L1 (2) or neither (0). Returns acc, m, l."""
+    lt = tl.zeros([k_tok.shape[0], q16.shape[1]], tl.float32)
+    if PREFETCH == 1:
+        # scale fields one record ahead (a record past the last reloads the last)
+        nxt = tl.load(bt + tl.minimum(r0, r1 - 1), mask=r0 < r1, other=0).to(tl.int64)
+        sc = _record_scales(rec_head + nxt * stride_rb, k_tok, v_chan,
+                            OFF_KS, OFF_KZ, OFF_KT, OFF_VCH, OFF_VS, OFF_VZ)
+    for i in range(r0, r1):
+        blk = tl.load(bt + i).to(tl.int64)
+        if PREFETCH == 2:
+            nxt = tl.load(bt + tl.minimum(i + 1, r1 - 1)).to(tl.int64)
+            _prefetch_l1(rec_head + nxt * stride_rb, OFF_KS, OFF_VCH)
+        if PREFETCH == 1:
+            nxt = tl.load(bt + tl.minimum(i + 1, r1 - 1)).to(tl.int64)
+            cur = sc
+            sc = _record_scales(rec_head + nxt * stride_rb, k_tok, v_chan,
+                                OFF_KS, OFF_KZ, OFF_KT, OFF_VCH, OFF_VS, OFF_VZ)
+        else:
+            cur = _record_scales(rec_head + blk * stride_rb, k_tok, v_chan,
+                                 OFF_KS, OFF_KZ, OFF_KT, OFF_VCH, OFF_VS, OFF_VZ)
+        acc, m, l, lt = _record_tile_joint(acc, m, l, lt, q16, rec_head + blk * stride_rb, k_tok, cur,
+                                           magic, G, D, K_BITS, V_BITS, OFF_KC, OFF_VC)
+    return acc, m, l + tl.sum(lt, axis=0)
+
+
+@triton.jit
 def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, plse_ptr,
                    qk_scale, magic,
                    stride_qb, stride_qh, stride_kv, stride_fb, stride_fh,
@@ -478,30 +511,10 @@ def _decode_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, out_ptr, po_ptr, pls
     if IS_KVARN and not SKIP_REC:     # SKIP_REC: another kernel takes the records (decode_gluon.py)
         rec_head = rec_ptr + kvh.to(tl.int64) * stride_rh
         if REC_JOINT:
-            lt = tl.zeros([REC_SUB, BLOCK_H], tl.float32)
-            r0 = tl.maximum(start, 1)
-            r1 = tl.minimum(end, n_rec + 1)
-            if PREFETCH == 1:
-                # scale fields one record ahead (a record past the last reloads the last)
-                nxt = tl.load(bt + tl.minimum(r0, r1 - 1), mask=r0 < r1, other=0).to(tl.int64)
-                sc = _record_scales(rec_head + nxt * stride_rb, k_tok, v_chan,
-                                    OFF_KS, OFF_KZ, OFF_KT, OFF_VCH, OFF_VS, OFF_VZ)
-            for i in range(r0, r1):
-                blk = tl.load(bt + i).to(tl.int64)
-                if PREFETCH == 2:
-                    nxt = tl.load(bt + tl.minimum(i + 1, r1 - 1)).to(tl.int64)
-                    _prefetch_l1(rec_head + nxt * stride_rb, OFF_KS, OFF_VCH)
-                if PREFETCH == 1:
-                    nxt = tl.load(bt + tl.minimum(i + 1, r1 - 1)).to(tl.int64)
-                    cur = sc
-                    sc = _record_scales(rec_head + nxt * stride_rb, k_tok, v_chan,
-                                        OFF_KS, OFF_KZ, OFF_KT, OFF_VCH, OFF_VS, OFF_VZ)
-                else:
-                    cur = _record_scales(rec_head + blk * stride_rb, k_tok, v_chan,
-                                         OFF_KS, OFF_KZ, OFF_KT, OFF_VCH, OFF_VS, OFF_VZ)
-                acc, m, l, lt = _record_tile_joint(acc, m, l, lt, q16, rec_head + blk * stride_rb, k_tok, cur,
-                                                   magic, G, D, K_BITS, V_BITS, OFF_KC, OFF_VC)
-            l = l + tl.sum(lt, axis=0)
+            acc, m, l = _joint_records(acc, m, l, q16, bt, rec_head, stride_rb,
+                                       tl.maximum(start, 1), tl.minimum(end, n_rec + 1), k_tok, v_chan, magic,
+                                       G, D, K_BITS, V_BITS, OFF_KC, OFF_KS, OFF_KZ, OFF_KT,
+                                       OFF_VC, OFF_VCH, OFF_VS, OFF_VZ, PREFETCH)
         else:
             for i in range(tl.maximum(start, 1), tl.minimum(end, n_rec + 1)):
                 blk = tl.load(bt + i).to(tl.int64)

@@ -46,10 +46,12 @@ from kvarn.kernels.decode_attention import (
     LOG2E,
     _code_order,
     _fp16_blocks,
+    _joint_records,
     _record_tile,
     _scale_zero,
     _unpack_words,
     check_paged_args,
+    default_prefetch,
     fp16_block_n,
     record_constexprs,
 )
@@ -63,6 +65,11 @@ EXTEND_KERNEL = os.environ.get("KVARN_EXTEND_KERNEL", "auto")
 # attempt 40), and the natural-order version now here (attempt 42) has not yet run on a
 # GPU, so it stays opt-in.
 EXTEND_WORKSPACE = os.environ.get("KVARN_EXTEND_WORKSPACE", "0")
+# The rows kernel's records through the decode kernel's joint record loop
+# (``_joint_records``: scales applied to the codes, one softmax update per record, the
+# next record's scale fields prefetched) instead of ``_record_tile``; records of two
+# 64-token pieces only (G = 128). NOTES.md attempt 43; "0" until it has run on a GPU.
+EXTEND_REC_JOINT = os.environ.get("KVARN_EXTEND_REC_JOINT", "0") == "1"
 
 
 @triton.jit
@@ -100,7 +107,8 @@ def _extend_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, cu_ptr, out_ptr, qk_
                    K_BITS: tl.constexpr, V_BITS: tl.constexpr,
                    OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KZ: tl.constexpr,
                    OFF_KT: tl.constexpr, OFF_VC: tl.constexpr, OFF_VCH: tl.constexpr,
-                   OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr):
+                   OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr,
+                   REC_JOINT: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
     pid_q = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2)
@@ -135,11 +143,16 @@ def _extend_kernel(q_ptr, kv_ptr, rec_ptr, bt_ptr, ctx_ptr, cu_ptr, out_ptr, qk_
                              row_pos, n_ctx, G, BLOCK_N, D, V_PERM)
     if IS_KVARN:
         rec_head = rec_ptr + kvh.to(tl.int64) * stride_rh
-        for i in range(1, tl.minimum(end, n_rec + 1)):
-            blk = tl.load(bt + i).to(tl.int64)
-            acc, m, l = _record_tile(acc, m, l, qf, rec_head + blk * stride_rb, k_tok, v_chan, magic,
-                                     G, D, K_BITS, V_BITS, OFF_KC, OFF_KS, OFF_KZ, OFF_KT,
-                                     OFF_VC, OFF_VCH, OFF_VS, OFF_VZ)
+        if REC_JOINT:       # every record key is visible to every new token
+            acc, m, l = _joint_records(acc, m, l, q16, bt, rec_head, stride_rb, 1, tl.minimum(end, n_rec + 1),
+                                       k_tok, v_chan, magic, G, D, K_BITS, V_BITS, OFF_KC, OFF_KS, OFF_KZ,
+                                       OFF_KT, OFF_VC, OFF_VCH, OFF_VS, OFF_VZ, PREFETCH)
+        else:
+            for i in range(1, tl.minimum(end, n_rec + 1)):
+                blk = tl.load(bt + i).to(tl.int64)
+                acc, m, l = _record_tile(acc, m, l, qf, rec_head + blk * stride_rb, k_tok, v_chan, magic,
+                                         G, D, K_BITS, V_BITS, OFF_KC, OFF_KS, OFF_KZ, OFF_KT,
+                                         OFF_VC, OFF_VCH, OFF_VS, OFF_VZ)
     acc, m, l = _fp16_blocks(acc, m, l, q16, bt, fp_head, stride_kv, stride_fb,      # fp16, causal
                              (n_rec + 1) * SUB, last_sub, row_pos, n_ctx, G, BLOCK_N, D, V_PERM)
 
@@ -383,7 +396,8 @@ def paged_extend_attention(q, kv_fp16, records, block_tables, context_lens, cu_s
                            cfg: KVarNConfig | None, sm_scale: float | None = None,
                            max_q_len: int | None = None, block_m: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None,
-                           kernel: str | None = None, workspace: bool | None = None) -> torch.Tensor:
+                           kernel: str | None = None, workspace: bool | None = None,
+                           rec_joint: bool | None = None) -> torch.Tensor:
     """Causal attention of new tokens q [T_total, Hq, D] over paged caches -> [T_total, Hq, D].
 
     ``ref_paged_attention`` semantics. max_q_len (a Python int) sizes the grid; without
@@ -401,6 +415,10 @@ def paged_extend_attention(q, kv_fp16, records, block_tables, context_lens, cu_s
     max_blocks x Hkv x G x D x 4 bytes), instead of once per program. None:
     ``EXTEND_WORKSPACE`` (env ``KVARN_EXTEND_WORKSPACE``): "auto" uses it when more than
     one program per KV head reads each record (``use_workspace``).
+
+    rec_joint (the "rows" kernel over a k4v2/k4v4 cache of 128-token blocks): its
+    records through the decode kernel's joint record loop (``_joint_records``) instead of
+    ``_record_tile``. None: ``EXTEND_REC_JOINT`` (env ``KVARN_EXTEND_REC_JOINT``, off).
     """
     hkv, g, d = check_paged_args(q, kv_fp16, records, block_tables, context_lens, cfg, 3)
     t_total, hq, _ = q.shape
@@ -432,10 +450,18 @@ def paged_extend_attention(q, kv_fp16, records, block_tables, context_lens, cu_s
     consts = dict(QH=qh, BLOCK_M=block_m, BLOCK_T=block_t, G=g,
                   BLOCK_N=min(g, 64) if fa else fp16_block_n(g, d), REC_SUB=min(g, 64), D=d,
                   **record_constexprs(cfg))
+    joint_ok = cfg is not None and g == 2 * min(g, 64)
+    if rec_joint and (fa or not joint_ok):
+        raise ValueError("rec_joint=True needs the 'rows' kernel over a KVarN cache of 128-token blocks")
     if not fa:
         if workspace:
             raise ValueError("workspace=True needs the 'fa' kernel")
-        _extend_kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        joint = (EXTEND_REC_JOINT if rec_joint is None else bool(rec_joint)) and joint_ok
+        prefetch = {None: 0, "regs": 1, "l1": 2}[default_prefetch(d)] if joint else 0
+        if q.device.type != "cuda":
+            prefetch = min(prefetch, 1)     # the L1 hint is PTX, which the interpreter does not run
+        _extend_kernel[grid](*args, **consts, REC_JOINT=joint, PREFETCH=prefetch,
+                             num_warps=num_warps, num_stages=num_stages)
         return out
     if workspace is None and EXTEND_WORKSPACE != "auto":
         workspace = EXTEND_WORKSPACE == "1"

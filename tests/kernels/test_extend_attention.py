@@ -23,7 +23,7 @@ from test_decode_attention import (  # noqa: E402  (same folder; pytest puts it 
 
 
 def run_case(preset, d, qh, lens, q_lens, block_m=None, hkv=2, seed=0, g_fp16=64, num_warps=None,
-             num_stages=None, check_ref_op=True, kernel=None, workspace=None):
+             num_stages=None, check_ref_op=True, kernel=None, workspace=None, rec_joint=None):
     cfg = KVarNConfig.from_name(preset, d) if preset else None
     g = cfg.group_size if cfg else g_fp16
     kv, records, bt, ctx = build_paged_cache(cfg, lens, q_lens, hkv, d, g, seed=seed)
@@ -35,7 +35,7 @@ def run_case(preset, d, qh, lens, q_lens, block_m=None, hkv=2, seed=0, g_fp16=64
     out = paged_extend_attention(q, kv, records, bt, ctx, cu_t, cfg, block_m=block_m,
                                  max_q_len=max(q_lens) if seed % 2 else None,
                                  num_warps=num_warps, num_stages=num_stages, kernel=kernel,
-                                 workspace=workspace)
+                                 workspace=workspace, rec_joint=rec_joint)
     ref, t16 = fp32_and_fp16_oracles(q, kv, records, bt, ctx, cu, cfg, 1.0 / math.sqrt(d))
     assert_close_to_reference(out, ref, t16)
     if not check_ref_op:       # the reference op does not depend on the kernel's launch
@@ -95,6 +95,29 @@ def test_dequant_prefix_matches_reference_dequantization(preset, d):
                 torch.testing.assert_close(got, ref.transpose(0, 1).half().float(), atol=1e-3, rtol=1e-3)
             seen += 1
     assert seen == 3
+
+
+# the rows kernel's records through the decode kernel's joint loop (rec_joint, NOTES.md
+# attempt 43): 128-token blocks, several records before the new tokens, ragged chunks,
+# a record-free sequence, 1 and 4 query heads per KV head
+@pytest.mark.parametrize("preset,d,qh,lens,q_lens,block_m", [
+    ("kvarn_k4v2_g128", 128, 4, [700, 300, 129], [5, 40, 1], 16),
+    ("kvarn_k4v4_g128", 64, 1, [520, 260], [70, 3], 64),
+    ("kvarn_k4v2_g128", 256, 3, [400], [9], 32),
+])
+def test_extend_rows_joint_records(preset, d, qh, lens, q_lens, block_m):
+    run_case(preset, d, qh, lens, q_lens, block_m, seed=len(lens), kernel="rows", rec_joint=True)
+
+
+def test_extend_rec_joint_scope():
+    """rec_joint=True is refused where the joint loop does not apply."""
+    from test_decode_attention import build_paged_cache as build
+    cfg = KVarNConfig.from_name("kvarn_k4v2_g64", 64)
+    kv, records, bt, ctx = build(cfg, [200], [3], 1, 64, 64, seed=1)
+    cu = torch.tensor([0, 3], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(3, 2, 64).half().to(DEVICE)
+    with pytest.raises(ValueError, match="rec_joint"):
+        paged_extend_attention(q, kv, records, bt, ctx, cu, cfg, kernel="rows", rec_joint=True)
 
 
 def test_extend_workspace_matches_records():
@@ -184,3 +207,20 @@ def test_extend_gpu_large(preset, d, qh, lens, q_lens, launch):
         pytest.skip("refused by extend_launch: Triton 3.6 miscompiles it (test_extend_launch_choices)")
     run_case(preset, d, qh, lens, q_lens, block_m, hkv=4, seed=7, num_warps=warps, num_stages=stages,
              check_ref_op=launch is None, kernel=kernel, workspace=ws)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset,d,qh,lens,q_lens", [
+    ("kvarn_k4v2_g128", 128, 4, [9000, 4100, 300], [4, 1, 3]),
+    ("kvarn_k4v2_g128", 128, 4, [4096, 9000, 2049], [64, 517, 16]),
+    ("kvarn_k4v4_g128", 256, 8, [3000, 129], [2, 4]),
+    ("kvarn_k4v2_g128", 64, 3, [5000, 700], [9, 2]),
+])
+@pytest.mark.parametrize("block_m,warps,stages", [(16, 2, 2), (16, 4, 2), (32, 4, 2), (64, 4, 3)])
+def test_extend_gpu_rows_joint(preset, d, qh, lens, q_lens, block_m, warps, stages):
+    """The rows kernel with the decode kernel's joint record loop (rec_joint) at the
+    launches extend.py --variants times it, large ragged batches."""
+    if d == 64 and (block_m, warps) == (32, 4):
+        pytest.skip("refused by extend_launch: Triton 3.6 miscompiles it (test_extend_launch_choices)")
+    run_case(preset, d, qh, lens, q_lens, block_m, hkv=4, seed=9, num_warps=warps, num_stages=stages,
+             check_ref_op=False, kernel="rows", rec_joint=True)
