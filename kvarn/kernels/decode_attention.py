@@ -801,6 +801,18 @@ def default_prefetch(d: int) -> str:
     return "regs" if d >= 256 else "l1"
 
 
+def joint_prefetch_mode(prefetch: str | None, d: int, device: torch.device) -> int:
+    """The PREFETCH constexpr of the joint record loop (``_joint_records``) for a
+    prefetch setting ("auto": ``default_prefetch``): 0 none, 1 "regs", 2 "l1"; off CUDA
+    at most 1 (the L1 hint is PTX, which the interpreter does not run)."""
+    if prefetch == "auto":
+        prefetch = default_prefetch(d)
+    modes = {None: 0, "regs": 1, "l1": 2}
+    if prefetch not in modes:
+        raise ValueError(f"prefetch must be 'auto', 'l1', 'regs' or None, got {prefetch!r}")
+    return modes[prefetch] if device.type == "cuda" else min(modes[prefetch], 1)
+
+
 def check_paged_args(q, kv_fp16, records, block_tables, context_lens, cfg, q_dims: int):
     """Shared argument checks of the paged attention wrappers; returns (Hkv, G, D)."""
     if q.dim() != q_dims:
@@ -941,15 +953,9 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
         maxnreg = maxnreg0
     rec_sub = rec_sub or rec_sub0
     rec_joint = (rec_joint is None or bool(rec_joint)) and rec_deq and cfg is not None and g == 2 * rec_sub
-    if prefetch == "auto":
-        prefetch = default_prefetch(d)
-    modes = {None: 0, "regs": 1, "l1": 2}
-    if prefetch not in modes:
-        raise ValueError(f"prefetch must be 'auto', 'l1', 'regs' or None, got {prefetch!r}")
-    prefetch_mode = modes[prefetch]
+    prefetch_mode = joint_prefetch_mode(prefetch, d, q.device)
     if q.device.type != "cuda":
         maxnreg = None      # the interpreter takes no register cap
-        prefetch_mode = min(prefetch_mode, 1)
     if num_stages is None:
         num_stages = 2     # 1 stage miscompiles on Triton 3.6 (wrong outputs, H100 2026-11-23)
     _decode_kernel[(bsz * hkv, num_splits)](

@@ -51,8 +51,8 @@ from kvarn.kernels.decode_attention import (
     _scale_zero,
     _unpack_words,
     check_paged_args,
-    default_prefetch,
     fp16_block_n,
+    joint_prefetch_mode,
     record_constexprs,
 )
 
@@ -457,9 +457,7 @@ def paged_extend_attention(q, kv_fp16, records, block_tables, context_lens, cu_s
         if workspace:
             raise ValueError("workspace=True needs the 'fa' kernel")
         joint = (EXTEND_REC_JOINT if rec_joint is None else bool(rec_joint)) and joint_ok
-        prefetch = {None: 0, "regs": 1, "l1": 2}[default_prefetch(d)] if joint else 0
-        if q.device.type != "cuda":
-            prefetch = min(prefetch, 1)     # the L1 hint is PTX, which the interpreter does not run
+        prefetch = joint_prefetch_mode("auto", d, q.device) if joint else 0
         _extend_kernel[grid](*args, **consts, REC_JOINT=joint, PREFETCH=prefetch,
                              num_warps=num_warps, num_stages=num_stages)
         return out
