@@ -29,6 +29,10 @@ SHAPES = [  # (label, batch, prefix, new tokens)
     ("B32_P8K_T16", 32, 8192, 16),     # 16 drafted tokens: 64 rows, where "auto" turns to "fa"
     ("B64_P16K_T4", 64, 16384, 4),
 ]
+# Run when named in --shapes: 2, 3, 4 and 6 fa programs (of 32 new tokens) per sequence and
+# KV head, for the workspace's threshold (use_workspace, WS_MIN_PROGRAMS)
+WS_SHAPES = [("B8_P8K_T64", 8, 8192, 64), ("B8_P8K_T96", 8, 8192, 96), ("B8_P8K_T128", 8, 8192, 128),
+             ("B8_P8K_T192", 8, 8192, 192)]
 HQ, HKV, D = 32, 8, 128
 
 
@@ -100,8 +104,8 @@ def main():
     from kvarn.format import KVarNConfig
     cfg = KVarNConfig.from_name(PRESET, D)
     rows = []
-    for label, b, prefix, t in SHAPES:
-        if args.shapes and label not in args.shapes:
+    for label, b, prefix, t in SHAPES + WS_SHAPES:
+        if (label not in args.shapes) if args.shapes else (label, b, prefix, t) in WS_SHAPES:
             continue
         case = ExtendCase(b, prefix, t, cfg)
         row = {"shape": label, "batch": b, "prefix": prefix, "new_tokens": t, "q_heads": HQ, "kv_heads": HKV,

@@ -306,7 +306,7 @@ def kernel_times(prof, calls: int) -> dict:
     return per
 
 
-def graph_latency(label, copies: int = 16, replays: int = 50, profile_names=()) -> dict:
+def graph_latency(label, copies: int = 16, replays: int = 50, profile_names=(), variants=None) -> dict:
     """Small-batch latency without the CPU in it and with L2 cold: ``copies`` distinct
     caches of the shape (one PagedCase of batch * copies sequences, each with its own
     memory) are called one after another inside one CUDA graph, as the engine replays
@@ -315,7 +315,9 @@ def graph_latency(label, copies: int = 16, replays: int = 50, profile_names=()) 
     B=1 rows bimodal (NOTES.md attempt 17). profile_names: for these paths, also each
     kernel's device time per call inside the replays (torch.profiler over 5 replays):
     the cold-L2 kernel times, which a profile of repeated eager calls on one cache
-    (decode_breakdown.py's rows) understates where the records fit in L2."""
+    (decode_breakdown.py's rows) understates where the records fit in L2. variants:
+    {name: paged_decode_attention keyword arguments}, more KVarN paths to time (as
+    "kvarn_" + name)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from kvarn.format import KVarNConfig
     from kvarn.kernels.decode_attention import paged_decode_attention
@@ -345,6 +347,10 @@ def graph_latency(label, copies: int = 16, replays: int = 50, profile_names=()) 
             fns["kvarn_" + kern] = functools.partial(
                 lambda i, kern: paged_decode_attention(case.q[sl[i]], case.kv, case.records, case.bt[sl[i]],
                                                        case.lens[sl[i]], cfg, out=outs[i], kernel=kern), kern=kern)
+    for vname, kw in (variants or {}).items():
+        fns["kvarn_" + vname] = functools.partial(
+            lambda i, kw: paged_decode_attention(case.q[sl[i]], case.kv, case.records, case.bt[sl[i]],
+                                                 case.lens[sl[i]], cfg, out=outs[i], **kw), kw=kw)
     row = {"shape": label, "copies": copies, "replays": replays, "sdpa_backend": backend}
     for name, fn in fns.items():
         ctx = sdpa_kernel(SDPBackend.FLASH_ATTENTION) if (name == "sdpa" and backend == "flash") \

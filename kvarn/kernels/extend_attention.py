@@ -59,17 +59,18 @@ from kvarn.kernels.decode_attention import (
 # The default extend kernel: "auto" (``extend_launch``'s choice by shape), "rows" or "fa".
 EXTEND_KERNEL = os.environ.get("KVARN_EXTEND_KERNEL", "auto")
 # The fa kernel's fp16 workspace for the records by default: "auto" (``use_workspace``),
-# "1" (always) or "0" (never). "0": session 10's measured 1.85-3.0x slower than without
-# (H100, results/extend_h100_s10b.json; NOTES.md attempt 37); with contiguous stores it
-# was 1.21-1.37x faster with hundreds of new tokens (results/extend_ws_h100_s11.json,
-# attempt 40), and the natural-order version now here (attempt 42) has not yet run on a
-# GPU, so it stays opt-in.
-EXTEND_WORKSPACE = os.environ.get("KVARN_EXTEND_WORKSPACE", "0")
+# "1" (always) or "0" (never). Natural-order version (NOTES.md attempt 42), H100
+# (results/extend_h100_s12.json): B1 16K+512 0.574 ms against 0.781 without, B1 4K+2K
+# 0.570 against 1.296 (the fp16 cache 0.566), B4 8K+256 0.634 against 0.782.
+EXTEND_WORKSPACE = os.environ.get("KVARN_EXTEND_WORKSPACE", "auto")
 # The rows kernel's records through the decode kernel's joint record loop
 # (``_joint_records``: scales applied to the codes, one softmax update per record, the
 # next record's scale fields prefetched) instead of ``_record_tile``; records of two
-# 64-token pieces only (G = 128). NOTES.md attempt 43; "0" until it has run on a GPU.
-EXTEND_REC_JOINT = os.environ.get("KVARN_EXTEND_REC_JOINT", "0") == "1"
+# 64-token pieces only (G = 128). NOTES.md attempt 43. "auto" (default): where it was
+# timed, k4v2_g128 at D 128 and up to 32 rows (H100, results/extend_h100_s12.json: 16
+# sequences x 8 new tokens 0.207 -> 0.124 ms at 32 rows, 64 x 4 1.28 -> 0.93 at 16 rows);
+# "1": wherever it applies; "0": never.
+EXTEND_REC_JOINT = os.environ.get("KVARN_EXTEND_REC_JOINT", "auto")
 
 
 @triton.jit
@@ -413,12 +414,13 @@ def paged_extend_attention(q, kv_fp16, records, block_tables, context_lens, cu_s
     workspace (the "fa" kernel over a KVarN cache): dequantize every sequence's records
     once per KV head into an fp16 workspace first (``_dequant_prefix_kernel``; B x
     max_blocks x Hkv x G x D x 4 bytes), instead of once per program. None:
-    ``EXTEND_WORKSPACE`` (env ``KVARN_EXTEND_WORKSPACE``): "auto" uses it when more than
-    one program per KV head reads each record (``use_workspace``).
+    ``EXTEND_WORKSPACE`` (env ``KVARN_EXTEND_WORKSPACE``, default "auto": where enough
+    programs per KV head read each record and it fits, ``use_workspace``).
 
     rec_joint (the "rows" kernel over a k4v2/k4v4 cache of 128-token blocks): its
     records through the decode kernel's joint record loop (``_joint_records``) instead of
-    ``_record_tile``. None: ``EXTEND_REC_JOINT`` (env ``KVARN_EXTEND_REC_JOINT``, off).
+    ``_record_tile``. None: ``EXTEND_REC_JOINT`` (env ``KVARN_EXTEND_REC_JOINT``; "auto":
+    ``rec_joint_auto``).
     """
     hkv, g, d = check_paged_args(q, kv_fp16, records, block_tables, context_lens, cfg, 3)
     t_total, hq, _ = q.shape
@@ -456,7 +458,9 @@ def paged_extend_attention(q, kv_fp16, records, block_tables, context_lens, cu_s
     if not fa:
         if workspace:
             raise ValueError("workspace=True needs the 'fa' kernel")
-        joint = (EXTEND_REC_JOINT if rec_joint is None else bool(rec_joint)) and joint_ok
+        if rec_joint is None:
+            rec_joint = rec_joint_auto(cfg, d, block_m, EXTEND_REC_JOINT)
+        joint = bool(rec_joint) and joint_ok
         prefetch = joint_prefetch_mode("auto", d, q.device) if joint else 0
         _extend_kernel[grid](*args, **consts, REC_JOINT=joint, PREFETCH=prefetch,
                              num_warps=num_warps, num_stages=num_stages)
@@ -494,7 +498,7 @@ def dequant_prefix(records, block_tables, context_lens, cu_seqlens_q, cfg: KVarN
 
 # The workspace (paged_extend_attention) is used when at least this many programs per KV
 # head and sequence would each dequantize the same records, and it fits WS_MAX_BYTES.
-WS_MIN_PROGRAMS = 2
+WS_MIN_PROGRAMS = 4
 WS_MAX_BYTES = 512 << 20
 
 
@@ -502,15 +506,30 @@ def use_workspace(cfg: KVarNConfig | None, programs_per_head: int, bsz: int, max
                   hkv: int, g: int, d: int) -> bool:
     """Whether the "fa" kernel should read the records through an fp16 workspace.
 
-    The rule as designed: a program of 128 rows spends about as long dequantizing a
-    record in registers (2.3 us on the H100, results/extend_h100_s10.json) as the
-    workspace costs per record (write and read back 4 G D bytes), so from two programs
-    per record on, the workspace would be the cheaper side. Session 10's version was
-    1.85-3.0x slower at 8-64 programs per record (scattered stores), session 11's
-    1.21-1.37x faster (results/extend_ws_h100_s11.json); the current, natural-order one
-    is not yet GPU-timed, so this rule applies only with ``KVARN_EXTEND_WORKSPACE=auto``."""
+    Without it every program of a (sequence, KV head) dequantizes each record in
+    registers; with it they are dequantized once (``dequant_prefix``) and every program
+    reads fp16 back, so it pays from some number of programs per record on. H100
+    (results/extend_h100_s12.json): B1 16K+512 (16 programs) 0.574 ms against 0.781,
+    B1 4K+2K (64) 0.570 against 1.296, B4 8K+256 (8) 0.634 against 0.782; forced at one
+    program (B32 8K+16) 1.77 against 0.74. From those rows a record costs about 18 ns
+    of GPU time per program that dequantizes it in registers and the workspace about 72
+    ns per record (written, then read as fp16), so it breaks even near 4 programs."""
     return (cfg is not None and programs_per_head >= WS_MIN_PROGRAMS
             and 4 * bsz * max_blocks * hkv * g * d <= WS_MAX_BYTES)
+
+
+def rec_joint_auto(cfg: KVarNConfig | None, d: int, block_m: int, mode: str = "auto") -> bool:
+    """The rows kernel's default for rec_joint: mode "1" / "0" (env
+    ``KVARN_EXTEND_REC_JOINT``) on / off where it applies, "auto" on where it was timed
+    faster: k4v2_g128 at head_dim 128, up to 32 rows (H100, results/extend_h100_s12.json:
+    1.2-1.7x at 16 and 32 rows on all six shapes; 64 rows spills more with it, offline,
+    and other presets and head dims were not timed)."""
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"KVARN_EXTEND_REC_JOINT must be 'auto', '0' or '1', got {mode!r}")
+    if mode != "auto":
+        return mode == "1"
+    return (cfg is not None and (cfg.k_bits, cfg.v_bits, cfg.group_size) == (4, 2, 128)
+            and d == 128 and block_m <= 32)
 
 
 def extend_launch(max_q_len: int, qh: int, d: int, cfg: KVarNConfig | None, kernel: str | None = None,
@@ -520,15 +539,18 @@ def extend_launch(max_q_len: int, qh: int, d: int, cfg: KVarNConfig | None, kern
 
     kernel "auto" (the default, ``EXTEND_KERNEL``) picks by the rows one program needs,
     R = next_pow2(max_q_len * qh), at least 16, where it was measured and GPU-tested
-    (H100, D 128, 4 query heads per KV head; results/extend_h100_s10.json):
+    (H100, D 128, 4 query heads per KV head):
 
-        R <= 32    k4v2_g128: "rows", R rows, 2 warps at 16, 4 at 32: the fewest idle
-                   rows (64 sequences x 4 new tokens: 16 rows 1.28 ms, fa at 64 rows
-                   1.57, the old default of 64 rows 3.21; 16 x 8: 32 rows 0.207, fa 0.201)
+        R <= 32    k4v2_g128: "rows", R rows at 4 warps, records through the joint
+                   loop (``rec_joint_auto``): the fewest idle rows (session 12, H100,
+                   results/extend_h100_s12.json: 64 sequences x 4 new tokens 0.93 ms at
+                   16 rows, fa at 64 rows 1.58, SDPA 7.0; 16 x 8: 0.124 at 32 rows, fa
+                   0.202, SDPA 0.40). Without the joint loop 16 rows take 2 warps.
         R >= 64    k4v2_g128 or the fp16 cache: "fa", 128 rows at 8 warps (64 rows at 4
                    where R is 64): the records dequantized once per program for 32
-                   tokens x 4 heads (hundreds of new tokens: 0.78-1.32 ms against rows'
-                   1.55-1.79; the fp16 cache 0.47-0.57 against 1.38-1.67)
+                   tokens x 4 heads, or once per KV head into the fp16 workspace where
+                   ``use_workspace`` says (hundreds of new tokens: 0.57-0.63 ms with it,
+                   0.78-1.30 without, the fp16 cache 0.48-0.57, SDPA 0.48-0.56)
 
     Elsewhere (other presets, head dims 64 / 256) "auto" is the rows kernel at its
     earlier default launch (nothing else was timed there).
@@ -550,7 +572,10 @@ def extend_launch(max_q_len: int, qh: int, d: int, cfg: KVarNConfig | None, kern
             block_m = min(need, 128) if block_m is None else block_m
         elif d == 128 and need <= 32 and k4v2_g128 and block_m is None:
             block_m = need
-            num_warps = (2 if need == 16 else 4) if num_warps is None else num_warps
+            # 16 rows: 2 warps with _record_tile, 4 with the joint loop (64 x 4 new tokens:
+            # 1.284 against 0.929 ms, and 0.968 at 2 warps; results/extend_h100_s12.json)
+            joint = rec_joint_auto(cfg, d, need, EXTEND_REC_JOINT)
+            num_warps = (4 if need == 32 or joint else 2) if num_warps is None else num_warps
     fa = kernel == "fa"
     if block_m is None:
         block_m = (128 if d <= 128 else 64) if fa else (64 if d <= 128 else 32)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kvarn.format import KVarNConfig
+import kvarn.kernels.extend_attention as ext
 from kvarn.kernels.extend_attention import extend_launch, paged_extend_attention
 from kvarn.kernels.reference import ref_paged_attention
 from test_decode_attention import (  # noqa: E402  (same folder; pytest puts it on sys.path)
@@ -58,6 +59,25 @@ CASES = [
     # the larger row tiles that extend.py --variants times (session 8): 32 tokens x 4 heads
     ("kvarn_k4v2_g128", 128, 4, [420], [70], 128),
 ]
+
+
+def test_extend_default_rules():
+    """Where the defaults turn on the joint record loop and the fp16 workspace."""
+    from kvarn.kernels.extend_attention import rec_joint_auto, use_workspace
+    k4v2 = KVarNConfig.from_name("kvarn_k4v2_g128", 128)
+    assert rec_joint_auto(k4v2, 128, 16) and rec_joint_auto(k4v2, 128, 32)
+    assert not rec_joint_auto(k4v2, 128, 64)                                    # spills more, untimed
+    assert not rec_joint_auto(KVarNConfig.from_name("kvarn_k4v4_g128", 128), 128, 16)
+    assert not rec_joint_auto(KVarNConfig.from_name("kvarn_k4v2_g128", 64), 64, 16)
+    assert not rec_joint_auto(None, 128, 16)
+    assert rec_joint_auto(None, 128, 64, "1") and not rec_joint_auto(k4v2, 128, 16, "0")
+    with pytest.raises(ValueError, match="KVARN_EXTEND_REC_JOINT"):
+        rec_joint_auto(k4v2, 128, 16, "yes")
+    # programs per KV head reading each record: from WS_MIN_PROGRAMS on, within WS_MAX_BYTES
+    assert use_workspace(k4v2, ext.WS_MIN_PROGRAMS, 1, 130, 8, 128, 128)
+    assert not use_workspace(k4v2, ext.WS_MIN_PROGRAMS - 1, 1, 130, 8, 128, 128)
+    assert not use_workspace(None, 64, 1, 130, 8, 128, 128)                     # the fp16 cache
+    assert not use_workspace(k4v2, 64, 32, 65, 8, 128, 128)                     # 1.09 GB
 
 
 @pytest.mark.parametrize("kernel", ["rows", "fa"])
@@ -140,6 +160,7 @@ def test_extend_workspace_matches_records():
     ("kvarn_k4v2_g128", 128, 4, [300, 129], [4, 1]),       # 16 rows -> rows, 16
     ("kvarn_k4v2_g128", 128, 4, [300, 129], [8, 3]),       # 32 rows -> rows, 32
     ("kvarn_k4v2_g128", 128, 4, [400, 140], [13, 2]),      # 52 -> fa, 64
+    ("kvarn_k4v2_g128", 128, 4, [640, 300], [130, 2]),     # 520 -> fa, 128, 5 programs: workspace
     (None, 128, 3, [150], [90]),                           # 270 -> fa, 128 (fp16 cache)
     ("kvarn_k4v2_g64", 64, 3, [200, 130], [5, 1]),         # unmeasured: rows, 64
 ])
@@ -150,7 +171,7 @@ def test_extend_auto(preset, d, qh, lens, q_lens):
 
 def test_extend_launch_choices():
     cfg = KVarNConfig.from_name("kvarn_k4v2_g128", 128)
-    assert extend_launch(4, 4, 128, cfg, "auto") == ("rows", 16, 2, 2)
+    assert extend_launch(4, 4, 128, cfg, "auto") == ("rows", 16, 4 if ext.EXTEND_REC_JOINT != "0" else 2, 2)
     assert extend_launch(8, 4, 128, cfg, "auto") == ("rows", 32, 4, 2)
     assert extend_launch(16, 4, 128, cfg, "auto") == ("fa", 64, 4, 2)
     assert extend_launch(512, 4, 128, cfg, "auto") == ("fa", 128, 8, 2)
@@ -170,6 +191,25 @@ def test_extend_launch_choices():
     with pytest.raises(ValueError, match="miscompiled"):
         extend_launch(9, 3, 64, None, "rows", block_m=32, num_warps=4)
     assert extend_launch(9, 3, 64, None, "rows", block_m=32, num_warps=2) == ("rows", 32, 2, 2)
+
+
+def test_extend_default_rules():
+    """Where the defaults turn on the joint record loop and the fp16 workspace."""
+    from kvarn.kernels.extend_attention import rec_joint_auto, use_workspace
+    k4v2 = KVarNConfig.from_name("kvarn_k4v2_g128", 128)
+    assert rec_joint_auto(k4v2, 128, 16) and rec_joint_auto(k4v2, 128, 32)
+    assert not rec_joint_auto(k4v2, 128, 64)                                    # spills more, untimed
+    assert not rec_joint_auto(KVarNConfig.from_name("kvarn_k4v4_g128", 128), 128, 16)
+    assert not rec_joint_auto(KVarNConfig.from_name("kvarn_k4v2_g128", 64), 64, 16)
+    assert not rec_joint_auto(None, 128, 16)
+    assert rec_joint_auto(None, 128, 64, "1") and not rec_joint_auto(k4v2, 128, 16, "0")
+    with pytest.raises(ValueError, match="KVARN_EXTEND_REC_JOINT"):
+        rec_joint_auto(k4v2, 128, 16, "yes")
+    # programs per KV head reading each record: from WS_MIN_PROGRAMS on, within WS_MAX_BYTES
+    assert use_workspace(k4v2, ext.WS_MIN_PROGRAMS, 1, 130, 8, 128, 128)
+    assert not use_workspace(k4v2, ext.WS_MIN_PROGRAMS - 1, 1, 130, 8, 128, 128)
+    assert not use_workspace(None, 64, 1, 130, 8, 128, 128)                     # the fp16 cache
+    assert not use_workspace(k4v2, 64, 32, 65, 8, 128, 128)                     # 1.09 GB
 
 
 @pytest.mark.parametrize("kernel", ["rows", "fa"])

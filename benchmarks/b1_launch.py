@@ -1,0 +1,76 @@
+"""Small-batch decode: the Gluon path's split count and record prefetch under CUDA-graph
+replay (kernels.py ``graph_latency``: 16 distinct caches, L2 cold), for the B1 N32K
+shortfall (benchmarks/NOTES.md session 12).
+
+    python benchmarks/b1_launch.py [--shapes B1_N32K B1_N128K] [--splits 64 96 128 192 256]
+                                   [--out b1_launch.json]
+
+Per shape: the default call ("kvarn"), SDPA, and the Gluon path at each split count x
+prefetch ("l2": one record ahead into L2, "l2x2": two, None), each variant's output
+checked against the default's on one cache first (max abs difference). Then the
+default's kernels profiled inside the replays with programmatic dependent launch off,
+so that no kernel's time includes waiting for the one before it (with PDL on, each
+kernel is launched early and its device time includes that wait).
+"""
+import argparse
+import json
+
+import torch
+
+from kernels import PRESET, SHAPES, PagedCase, graph_latency, run_header   # this folder is sys.path[0]
+
+PREFETCH = ("l2", "l2x2", None)
+
+
+def check(label: str, variants: dict) -> dict:
+    """Max abs difference of each variant's output from the default call's, one cache."""
+    from kvarn.format import KVarNConfig
+    from kvarn.kernels.decode_attention import paged_decode_attention
+    _, b, n, hq, hkv, d = next(s for s in SHAPES if s[0] == label)
+    cfg = KVarNConfig.from_name(PRESET, d)
+    case = PagedCase(b, n, hq, hkv, d, cfg, want=("kvarn",))
+    run = lambda **kw: paged_decode_attention(case.q, case.kv, case.records, case.bt, case.lens, cfg, **kw).float()
+    base = run()
+    out = {name: (run(**kw) - base).abs().max().item() for name, kw in variants.items()}
+    del case
+    torch.cuda.empty_cache()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="*", default=["B1_N32K", "B1_N128K"])
+    ap.add_argument("--splits", nargs="*", type=int, default=[64, 96, 128, 192, 256])
+    ap.add_argument("--out", default="b1_launch.json")
+    args = ap.parse_args()
+    from kvarn.kernels import decode_attention
+    res = {**run_header(), "rows": []}
+    for label in args.shapes:
+        variants = {f"s{s}_{p}": dict(kernel="gluon", num_splits=s, prefetch=p)
+                    for s in args.splits for p in PREFETCH}
+        diffs = check(label, variants)
+        copies = 8 if "128K" in label else 16
+        g = graph_latency(label, copies=copies, variants=variants)
+        row = {"shape": label, "copies": copies, "kvarn": g["kvarn"]["ms_median"], "sdpa": g["sdpa"]["ms_median"],
+               "variants": [{"name": k, **variants[k], "ms": g["kvarn_" + k]["ms_median"],
+                             "max_abs_diff_vs_default": diffs[k]} for k in variants]}
+        default_pdl = decode_attention.PDL
+        decode_attention.PDL = "0"
+        try:
+            cold = graph_latency(label, copies=copies, profile_names=("kvarn",))
+        finally:
+            decode_attention.PDL = default_pdl
+        row["pdl_off"] = {"kvarn": cold["kvarn"]["ms_median"],
+                          "kernels_ms_per_call": cold["kvarn"].get("kernels_ms_per_call")}
+        res["rows"].append(row)
+        json.dump(res, open(args.out, "w"), indent=1)
+        best = min(row["variants"], key=lambda v: v["ms"])
+        print(f"{label}: default {row['kvarn']:.4f} ms, sdpa {row['sdpa']:.4f}; best {best['name']} "
+              f"{best['ms']:.4f}; PDL off {row['pdl_off']['kvarn']:.4f}, kernels {row['pdl_off']['kernels_ms_per_call']}",
+              flush=True)
+        for v in row["variants"]:
+            print(f"    {v['name']:12s} {v['ms']:.4f} ms (diff {v['max_abs_diff_vs_default']:.1e})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
