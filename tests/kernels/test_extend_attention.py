@@ -193,7 +193,7 @@ def test_extend_launch_choices():
     assert extend_launch(9, 3, 64, None, "rows", block_m=32, num_warps=2) == ("rows", 32, 2, 2)
 
 
-def test_extend_default_rules():
+def test_extend_joint_and_workspace_rules():
     """Where the defaults turn on the joint record loop and the fp16 workspace."""
     from kvarn.kernels.extend_attention import rec_joint_auto, use_workspace
     k4v2 = KVarNConfig.from_name("kvarn_k4v2_g128", 128)
