@@ -61,25 +61,6 @@ CASES = [
 ]
 
 
-def test_extend_default_rules():
-    """Where the defaults turn on the joint record loop and the fp16 workspace."""
-    from kvarn.kernels.extend_attention import rec_joint_auto, use_workspace
-    k4v2 = KVarNConfig.from_name("kvarn_k4v2_g128", 128)
-    assert rec_joint_auto(k4v2, 128, 16) and rec_joint_auto(k4v2, 128, 32)
-    assert not rec_joint_auto(k4v2, 128, 64)                                    # spills more, untimed
-    assert not rec_joint_auto(KVarNConfig.from_name("kvarn_k4v4_g128", 128), 128, 16)
-    assert not rec_joint_auto(KVarNConfig.from_name("kvarn_k4v2_g128", 64), 64, 16)
-    assert not rec_joint_auto(None, 128, 16)
-    assert rec_joint_auto(None, 128, 64, "1") and not rec_joint_auto(k4v2, 128, 16, "0")
-    with pytest.raises(ValueError, match="KVARN_EXTEND_REC_JOINT"):
-        rec_joint_auto(k4v2, 128, 16, "yes")
-    # programs per KV head reading each record: from WS_MIN_PROGRAMS on, within WS_MAX_BYTES
-    assert use_workspace(k4v2, ext.WS_MIN_PROGRAMS, 1, 130, 8, 128, 128)
-    assert not use_workspace(k4v2, ext.WS_MIN_PROGRAMS - 1, 1, 130, 8, 128, 128)
-    assert not use_workspace(None, 64, 1, 130, 8, 128, 128)                     # the fp16 cache
-    assert not use_workspace(k4v2, 64, 32, 65, 8, 128, 128)                     # 1.09 GB
-
-
 @pytest.mark.parametrize("kernel", ["rows", "fa"])
 @pytest.mark.parametrize("preset,d,qh,lens,q_lens,block_m", CASES)
 def test_extend_matches_reference(preset, d, qh, lens, q_lens, block_m, kernel):
