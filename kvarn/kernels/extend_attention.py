@@ -71,6 +71,9 @@ EXTEND_WORKSPACE = os.environ.get("KVARN_EXTEND_WORKSPACE", "auto")
 # sequences x 8 new tokens 0.207 -> 0.124 ms at 32 rows, 64 x 4 1.28 -> 0.93 at 16 rows);
 # "1": wherever it applies; "0": never.
 EXTEND_REC_JOINT = os.environ.get("KVARN_EXTEND_REC_JOINT", "auto")
+# The workspace's dequant kernel expanding whole code words (``_dequant_prefix_kernel``
+# WORDS; NOTES.md attempt 45): "0" until it has run on a GPU.
+DEQUANT_WORDS = os.environ.get("KVARN_DEQUANT_WORDS", "0") == "1"
 
 
 @triton.jit
@@ -272,7 +275,7 @@ def _dequant_prefix_kernel(rec_ptr, bt_ptr, ctx_ptr, cu_ptr, ws_ptr,
                            K_BITS: tl.constexpr, V_BITS: tl.constexpr,
                            OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KZ: tl.constexpr,
                            OFF_KT: tl.constexpr, OFF_VC: tl.constexpr, OFF_VCH: tl.constexpr,
-                           OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr):
+                           OFF_VS: tl.constexpr, OFF_VZ: tl.constexpr, WORDS: tl.constexpr = False):
     """Record i = pid0 + 1 of sequence b, KV head pid1 -> fp16 K / V in the workspace
     ws [2, B * max_blocks, Hkv, G, D] at block b * max_blocks + i, laid out as an fp16
     cache block: token-major, tokens and channels in their natural order, so that the
@@ -283,11 +286,19 @@ def _dequant_prefix_kernel(rec_ptr, bt_ptr, ctx_ptr, cu_ptr, ws_ptr,
         K[t, d] = (code_k[d, t] k_scale[d] + k_zero[d]) k_tok[t]
         V[t, d] = (code_v[t, d] v_scale[t] + v_zero[t]) v_chan[d]
 
-    A code is taken from its word by index arithmetic (word d * G bK / 32 + t / (32 / bK),
-    shift (t mod 32 / bK) bK for K; V alike along d), not by the attention kernels'
-    word unpack, whose order is ``_code_order``'s permutation. Session 10 stored that
-    permuted order (V through a permuted channel index: 2-byte scattered stores) and the
-    workspace was 1.85-3.0x slower than none (NOTES.md attempts 37, 40, 42)."""
+    How a code leaves its word, which either way is KVARN_FORMAT.md's packing (lowest
+    index in the lowest bits), not the attention kernels' word unpack (``_code_order``'s
+    permutation: session 10 stored that permuted order, V through a permuted channel
+    index, 2-byte scattered stores, and the workspace was 1.85-3.0x slower than none;
+    NOTES.md attempts 37, 40, 42):
+
+        WORDS False  by index arithmetic (word d G bK / 32 + t / (32 / bK), shift
+                     (t mod 32 / bK) bK for K; V alike along d): one 4-byte gather per
+                     code (session 11; measured on the H100 in session 12)
+        WORDS True   each word loaded once, coalesced, and expanded by shifts: K words
+                     [DC channels, G bK / 32] -> codes [DC, G], transposed to
+                     token-major; V words [SUB_T tokens, D bV / 32] -> codes [SUB_T, D]
+                     as they lie (session 12, attempt 45; not yet run on a GPU)"""
     i = tl.program_id(0) + 1
     kvh = tl.program_id(1)
     b = tl.program_id(2)
@@ -299,28 +310,56 @@ def _dequant_prefix_kernel(rec_ptr, bt_ptr, ctx_ptr, cu_ptr, ws_ptr,
     rec = rec_ptr + kvh.to(tl.int64) * stride_rh + blk * stride_rb
     rec16 = rec.to(tl.pointer_type(tl.float16))
     rec32 = rec.to(tl.pointer_type(tl.int32))
-    offs_d = tl.arange(0, D)
     KPW: tl.constexpr = 32 // K_BITS                 # codes per 32-bit word
     VPW: tl.constexpr = 32 // V_BITS
+    KW: tl.constexpr = G // KPW                      # K words per channel
+    VW: tl.constexpr = D // VPW                      # V words per token
     KMASK: tl.constexpr = (1 << K_BITS) - 1
     VMASK: tl.constexpr = (1 << V_BITS) - 1
-    ks = tl.load(rec16 + OFF_KS // 2 + offs_d).to(tl.float32)
-    kz = tl.load(rec16 + OFF_KZ // 2 + offs_d).to(tl.float32)
-    vch = tl.load(rec16 + OFF_VCH // 2 + offs_d).to(tl.float32)
-    out = ws_ptr + (b.to(tl.int64) * max_blocks + i) * stride_wb + kvh * (G * D)
-    for h in tl.static_range(G // SUB_T):
-        t = h * SUB_T + tl.arange(0, SUB_T)
-        kt = tl.load(rec16 + OFF_KT // 2 + t).to(tl.float32)
-        kw = tl.load(rec32 + OFF_KC // 4 + offs_d[None, :] * (G // KPW) + (t // KPW)[:, None])
-        kc = ((kw >> ((t % KPW) * K_BITS)[:, None]) & KMASK).to(tl.float32)
-        k = (kc * ks[None, :] + kz[None, :]) * kt[:, None]
-        tl.store(out + t[:, None] * D + offs_d[None, :], k.to(tl.float16))
-        vs = tl.load(rec16 + OFF_VS // 2 + t).to(tl.float32)
-        vz = tl.load(rec16 + OFF_VZ // 2 + t).to(tl.float32)
-        vw = tl.load(rec32 + OFF_VC // 4 + t[:, None] * (D // VPW) + (offs_d // VPW)[None, :])
-        vc = ((vw >> ((offs_d % VPW) * V_BITS)[None, :]) & VMASK).to(tl.float32)
-        v = (vc * vs[:, None] + vz[:, None]) * vch[None, :]
-        tl.store(out + stride_wkv + t[:, None] * D + offs_d[None, :], v.to(tl.float16))
+    DC: tl.constexpr = 8192 // G if 8192 // G < D else D     # channels per K piece
+    offs_d = tl.arange(0, D)
+    if WORDS:
+        vch = tl.load(rec16 + OFF_VCH // 2 + offs_d).to(tl.float32)
+        out = ws_ptr + (b.to(tl.int64) * max_blocks + i) * stride_wb + kvh * (G * D)
+        t_all = tl.arange(0, G)
+        kt = tl.load(rec16 + OFF_KT // 2 + t_all).to(tl.float32)
+        k_shift = tl.arange(0, KPW) * K_BITS
+        for c in tl.static_range(D // DC):
+            d = c * DC + tl.arange(0, DC)
+            kw = tl.load(rec32 + OFF_KC // 4 + d[:, None] * KW + tl.arange(0, KW)[None, :])   # [DC, KW]
+            kc = tl.reshape((kw[:, :, None] >> k_shift[None, None, :]) & KMASK, (DC, G))
+            kc = tl.trans(kc).to(tl.float32)                                                # [G, DC]
+            ks = tl.load(rec16 + OFF_KS // 2 + d).to(tl.float32)
+            kz = tl.load(rec16 + OFF_KZ // 2 + d).to(tl.float32)
+            tl.store(out + t_all[:, None] * D + d[None, :],
+                     ((kc * ks[None, :] + kz[None, :]) * kt[:, None]).to(tl.float16))
+        v_shift = tl.arange(0, VPW) * V_BITS
+        for h in tl.static_range(G // SUB_T):
+            t = h * SUB_T + tl.arange(0, SUB_T)
+            vw = tl.load(rec32 + OFF_VC // 4 + t[:, None] * VW + tl.arange(0, VW)[None, :])   # [SUB_T, VW]
+            vc = tl.reshape((vw[:, :, None] >> v_shift[None, None, :]) & VMASK, (SUB_T, D)).to(tl.float32)
+            vs = tl.load(rec16 + OFF_VS // 2 + t).to(tl.float32)
+            vz = tl.load(rec16 + OFF_VZ // 2 + t).to(tl.float32)
+            tl.store(out + stride_wkv + t[:, None] * D + offs_d[None, :],
+                     ((vc * vs[:, None] + vz[:, None]) * vch[None, :]).to(tl.float16))
+    else:
+        ks = tl.load(rec16 + OFF_KS // 2 + offs_d).to(tl.float32)
+        kz = tl.load(rec16 + OFF_KZ // 2 + offs_d).to(tl.float32)
+        vch = tl.load(rec16 + OFF_VCH // 2 + offs_d).to(tl.float32)
+        out = ws_ptr + (b.to(tl.int64) * max_blocks + i) * stride_wb + kvh * (G * D)
+        for h in tl.static_range(G // SUB_T):
+            t = h * SUB_T + tl.arange(0, SUB_T)
+            kt = tl.load(rec16 + OFF_KT // 2 + t).to(tl.float32)
+            kw = tl.load(rec32 + OFF_KC // 4 + offs_d[None, :] * KW + (t // KPW)[:, None])
+            kc = ((kw >> ((t % KPW) * K_BITS)[:, None]) & KMASK).to(tl.float32)
+            k = (kc * ks[None, :] + kz[None, :]) * kt[:, None]
+            tl.store(out + t[:, None] * D + offs_d[None, :], k.to(tl.float16))
+            vs = tl.load(rec16 + OFF_VS // 2 + t).to(tl.float32)
+            vz = tl.load(rec16 + OFF_VZ // 2 + t).to(tl.float32)
+            vw = tl.load(rec32 + OFF_VC // 4 + t[:, None] * VW + (offs_d // VPW)[None, :])
+            vc = ((vw >> ((offs_d % VPW) * V_BITS)[None, :]) & VMASK).to(tl.float32)
+            v = (vc * vs[:, None] + vz[:, None]) * vch[None, :]
+            tl.store(out + stride_wkv + t[:, None] * D + offs_d[None, :], v.to(tl.float16))
 
 
 @triton.jit
@@ -479,12 +518,13 @@ def paged_extend_attention(q, kv_fp16, records, block_tables, context_lens, cu_s
 
 
 def dequant_prefix(records, block_tables, context_lens, cu_seqlens_q, cfg: KVarNConfig,
-                   dtype=torch.float16) -> torch.Tensor:
+                   dtype=torch.float16, words: bool | None = None) -> torch.Tensor:
     """The extend workspace: every sequence's records (blocks 1 .. n_rec of its prefix,
     n_rec = max((context - new tokens) // G - 1, 0)) dequantized into
     ws [2, B * max_blocks, Hkv, G, D] (K, V), block i of sequence b at row b * max_blocks
     + i, in an fp16 cache block's layout (``_dequant_prefix_kernel``); other rows are
-    left unwritten."""
+    left unwritten. words: the kernel's WORDS (codes expanded from whole words); None:
+    ``DEQUANT_WORDS`` (env ``KVARN_DEQUANT_WORDS``, off until it has run on a GPU)."""
     bsz, max_blocks = block_tables.shape
     hkv, g, d = records.shape[1], cfg.group_size, cfg.head_dim
     ws = torch.empty(2, bsz * max_blocks, hkv, g, d, dtype=dtype, device=records.device)
@@ -492,7 +532,7 @@ def dequant_prefix(records, block_tables, context_lens, cu_seqlens_q, cfg: KVarN
         records, block_tables, context_lens, cu_seqlens_q, ws,
         records.stride(0), records.stride(1), block_tables.stride(0), ws.stride(0), ws.stride(1), max_blocks,
         G=g, SUB_T=min(g, 8192 // d), D=d, **{k: v for k, v in record_constexprs(cfg).items() if k != "IS_KVARN"},
-        num_warps=4)
+        WORDS=DEQUANT_WORDS if words is None else bool(words), num_warps=4)
     return ws
 
 

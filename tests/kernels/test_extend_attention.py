@@ -74,7 +74,8 @@ def test_extend_matches_reference(preset, d, qh, lens, q_lens, block_m, kernel):
 
 @pytest.mark.parametrize("preset,d", [("kvarn_k4v2_g64", 64), ("kvarn_k4v4_g128", 128),
                                       ("kvarn_k4v2_g128", 256)])
-def test_dequant_prefix_matches_reference_dequantization(preset, d):
+@pytest.mark.parametrize("words", [False, True])
+def test_dequant_prefix_matches_reference_dequantization(preset, d, words):
     """The workspace holds every prefix record dequantized in an fp16 cache block's
     layout (natural token and channel order): against kvarn.quant's reconstruction of
     the same records, to fp16 rounding."""
@@ -86,7 +87,7 @@ def test_dequant_prefix_matches_reference_dequantization(preset, d):
     lens, q_lens = [4 * g + 5, g + 3, 3 * g], [7, 3, g]      # 2, 0 and 1 prefix records
     kv, records, bt, ctx = build(cfg, lens, q_lens, 2, d, g, seed=d)
     cu = torch.tensor([0, 7, 10, 10 + g], dtype=torch.int32, device=DEVICE)
-    ws = dequant_prefix(records, bt, ctx, cu, cfg).float().cpu()
+    ws = dequant_prefix(records, bt, ctx, cu, cfg, words=words).float().cpu()
     seen = 0
     for b, (n, t) in enumerate(zip(lens, q_lens)):
         for i in range(1, max((n - t) // g - 1, 0) + 1):
@@ -228,6 +229,34 @@ def test_extend_gpu_large(preset, d, qh, lens, q_lens, launch):
         pytest.skip("refused by extend_launch: Triton 3.6 miscompiles it (test_extend_launch_choices)")
     run_case(preset, d, qh, lens, q_lens, block_m, hkv=4, seed=7, num_warps=warps, num_stages=stages,
              check_ref_op=launch is None, kernel=kernel, workspace=ws)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset,d", [("kvarn_k4v2_g128", 128), ("kvarn_k4v2_g64", 64),
+                                      ("kvarn_k4v4_g128", 256), ("kvarn_k4v2_g128", 64)])
+def test_dequant_words_gpu_large(preset, d):
+    """The dequant kernel expanding whole words (WORDS, attempt 45) writes what the
+    per-code gathers write, at large ragged batches, in every record row; and the fa
+    kernel over that workspace matches the reference."""
+    from kvarn.kernels.extend_attention import dequant_prefix
+    cfg = KVarNConfig.from_name(preset, d)
+    g = cfg.group_size
+    lens, q_lens = [9000, 4100, 300, 2 * g], [517, 64, 3, g]
+    kv, records, bt, ctx = build_paged_cache(cfg, lens, q_lens, 4, d, g, seed=11)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    a = dequant_prefix(records, bt, ctx, cu, cfg, words=False)
+    b = dequant_prefix(records, bt, ctx, cu, cfg, words=True)
+    rows = [bi * bt.shape[1] + i for bi, (n, t) in enumerate(zip(lens, q_lens))
+            for i in range(1, max((n - t) // g - 1, 0) + 1)]
+    assert len(rows) > 50
+    rows = torch.tensor(rows, device=DEVICE)
+    torch.testing.assert_close(b[:, rows].float(), a[:, rows].float(), atol=1e-3, rtol=1e-3)
+    old = ext.DEQUANT_WORDS
+    ext.DEQUANT_WORDS = True
+    try:
+        run_case(preset, d, 4, lens, q_lens, hkv=4, seed=11, kernel="fa", workspace=True, check_ref_op=False)
+    finally:
+        ext.DEQUANT_WORDS = old
 
 
 @pytest.mark.gpu
