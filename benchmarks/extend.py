@@ -29,9 +29,10 @@ SHAPES = [  # (label, batch, prefix, new tokens)
     ("B32_P8K_T16", 32, 8192, 16),     # 16 drafted tokens: 64 rows, where "auto" turns to "fa"
     ("B64_P16K_T4", 64, 16384, 4),
 ]
-# Run when named in --shapes: 2, 3, 4 and 6 fa programs (of 32 new tokens) per sequence and
+# Run when named in --shapes: 2, 3, 4, 5 and 6 fa programs (of 32 new tokens) per sequence and
 # KV head, for the workspace's threshold (use_workspace, WS_MIN_PROGRAMS)
 WS_SHAPES = [("B8_P8K_T64", 8, 8192, 64), ("B8_P8K_T96", 8, 8192, 96), ("B8_P8K_T128", 8, 8192, 128),
+             ("B8_P8K_T160", 8, 8192, 160),
              ("B8_P8K_T192", 8, 8192, 192)]
 HQ, HKV, D = 32, 8, 128
 

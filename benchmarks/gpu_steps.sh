@@ -79,7 +79,7 @@ for step in "$@"; do
              --shapes B1_P16K_T512 B1_P4K_T2K B4_P8K_T256 B32_P8K_T16 ;;
     defaults) run defaults_tests 150 $PY -m pytest -q -m gpu tests/kernels/test_extend_attention.py tests/engine/test_gpu_engine.py -k "default or engine or words"
               run ws_threshold 100 $PY benchmarks/extend.py --variants --workspace-only --out "$RES/extend_ws_threshold.json" \
-                   --shapes B8_P8K_T64 B8_P8K_T96 B8_P8K_T128 B8_P8K_T192
+                   --shapes B8_P8K_T64 B8_P8K_T96 B8_P8K_T128 B8_P8K_T160 B8_P8K_T192
               run ws_words 100 env KVARN_DEQUANT_WORDS=1 $PY benchmarks/extend.py --variants --workspace-only \
                    --out "$RES/extend_ws_words.json" --shapes B1_P16K_T512 B1_P4K_T2K B4_P8K_T256 B8_P8K_T64 B8_P8K_T128
               run b1_launch 150 $PY benchmarks/b1_launch.py --out "$RES/b1_launch.json"

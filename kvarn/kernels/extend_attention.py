@@ -538,7 +538,7 @@ def dequant_prefix(records, block_tables, context_lens, cu_seqlens_q, cfg: KVarN
 
 # The workspace (paged_extend_attention) is used when at least this many programs per KV
 # head and sequence would each dequantize the same records, and it fits WS_MAX_BYTES.
-WS_MIN_PROGRAMS = 4
+WS_MIN_PROGRAMS = 5
 WS_MAX_BYTES = 512 << 20
 
 
@@ -551,9 +551,10 @@ def use_workspace(cfg: KVarNConfig | None, programs_per_head: int, bsz: int, max
     reads fp16 back, so it pays from some number of programs per record on. H100
     (results/extend_h100_s12.json): B1 16K+512 (16 programs) 0.574 ms against 0.781,
     B1 4K+2K (64) 0.570 against 1.296, B4 8K+256 (8) 0.634 against 0.782; forced at one
-    program (B32 8K+16) 1.77 against 0.74. From those rows a record costs about 18 ns
-    of GPU time per program that dequantizes it in registers and the workspace about 72
-    ns per record (written, then read as fp16), so it breaks even near 4 programs."""
+    program (B32 8K+16) 1.77 against 0.74. From those rows, against the fp16 cache's time,
+    a record costs about 18 ns of GPU time per program that dequantizes it in registers
+    (0.29-0.31 ms over 16K record-program pairs) and about 80 ns through the workspace
+    (0.08-0.16 ms over 1-2K records), so it breaks even near 4.4 programs: from 5 on."""
     return (cfg is not None and programs_per_head >= WS_MIN_PROGRAMS
             and 4 * bsz * max_blocks * hkv * g * d <= WS_MAX_BYTES)
 
