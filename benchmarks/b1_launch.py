@@ -6,7 +6,8 @@ shortfall (benchmarks/NOTES.md session 12).
                                    [--out b1_launch.json]
 
 Per shape: the default call ("kvarn"), SDPA, and the Gluon path at each split count x
-prefetch ("l2": one record ahead into L2, "l2x2": two, None), each variant's output
+prefetch ("l2": one record ahead into L2, "l2x2": two, None) and at 128 splits without
+the register cap and at 200 registers, each variant's output
 checked against the default's on one cache first (max abs difference). Then the
 default's kernels profiled inside the replays with programmatic dependent launch off,
 so that no kernel's time includes waiting for the one before it (with PDL on, each
@@ -48,6 +49,10 @@ def main():
     for label in args.shapes:
         variants = {f"s{s}_{p}": dict(kernel="gluon", num_splits=s, prefetch=p)
                     for s in args.splits for p in PREFETCH}
+        # the register cap (decode_gluon.LAUNCH: 168 at D 128, for 12 programs per SM at
+        # large batches; B1's 1,024 programs do not need them all): uncapped and between
+        for cap in (0, 200):
+            variants[f"s128_l2_cap{cap}"] = dict(kernel="gluon", num_splits=128, prefetch="l2", maxnreg=cap)
         diffs = check(label, variants)
         copies = 8 if "128K" in label else 16
         g = graph_latency(label, copies=copies, variants=variants)
