@@ -478,7 +478,7 @@ def paged_extend_attention(q, kv_fp16, records, block_tables, context_lens, cu_s
         return out
     qh = hq // hkv
     kernel, block_m, num_warps, num_stages = extend_launch(max_q_len, qh, d, cfg, kernel, block_m,
-                                                           num_warps, num_stages)
+                                                           num_warps, num_stages, rec_joint)
     fa = kernel == "fa"
     block_t = block_m // qh
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
@@ -575,8 +575,10 @@ def rec_joint_auto(cfg: KVarNConfig | None, d: int, block_m: int, mode: str = "a
 
 def extend_launch(max_q_len: int, qh: int, d: int, cfg: KVarNConfig | None, kernel: str | None = None,
                   block_m: int | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None) -> tuple[str, int, int, int]:
+                  num_stages: int | None = None, rec_joint: bool | None = None) -> tuple[str, int, int, int]:
     """(kernel, block_m, num_warps, num_stages) for a batch: what is given, the rest chosen.
+    rec_joint: the call's (None: ``rec_joint_auto``'s default), which sets the warps of
+    the 16-row rows launch.
 
     kernel "auto" (the default, ``EXTEND_KERNEL``) picks by the rows one program needs,
     R = next_pow2(max_q_len * qh), at least 16, where it was measured and GPU-tested
@@ -586,7 +588,8 @@ def extend_launch(max_q_len: int, qh: int, d: int, cfg: KVarNConfig | None, kern
                    loop (``rec_joint_auto``): the fewest idle rows (session 12, H100,
                    results/extend_h100_s12.json: 64 sequences x 4 new tokens 0.93 ms at
                    16 rows, fa at 64 rows 1.58, SDPA 7.0; 16 x 8: 0.124 at 32 rows, fa
-                   0.202, SDPA 0.40). Without the joint loop 16 rows take 2 warps.
+                   0.202, SDPA 0.40). Without the joint loop (rec_joint False, or off
+                   by ``KVARN_EXTEND_REC_JOINT``) 16 rows take 2 warps.
         R >= 64    k4v2_g128 or the fp16 cache: "fa", 128 rows at 8 warps (64 rows at 4
                    where R is 64): the records dequantized once per program for 32
                    tokens x 4 heads, or once per KV head into the fp16 workspace where
@@ -615,7 +618,7 @@ def extend_launch(max_q_len: int, qh: int, d: int, cfg: KVarNConfig | None, kern
             block_m = need
             # 16 rows: 2 warps with _record_tile, 4 with the joint loop (64 x 4 new tokens:
             # 1.284 against 0.929 ms, and 0.968 at 2 warps; results/extend_h100_s12.json)
-            joint = rec_joint_auto(cfg, d, need, EXTEND_REC_JOINT)
+            joint = rec_joint_auto(cfg, d, need, EXTEND_REC_JOINT) if rec_joint is None else rec_joint
             num_warps = (4 if need == 32 or joint else 2) if num_warps is None else num_warps
     fa = kernel == "fa"
     if block_m is None:

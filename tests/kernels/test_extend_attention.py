@@ -154,6 +154,8 @@ def test_extend_auto(preset, d, qh, lens, q_lens):
 def test_extend_launch_choices():
     cfg = KVarNConfig.from_name("kvarn_k4v2_g128", 128)
     assert extend_launch(4, 4, 128, cfg, "auto") == ("rows", 16, 4 if ext.EXTEND_REC_JOINT != "0" else 2, 2)
+    assert extend_launch(4, 4, 128, cfg, "auto", rec_joint=False) == ("rows", 16, 2, 2)
+    assert extend_launch(4, 4, 128, cfg, "auto", rec_joint=True) == ("rows", 16, 4, 2)
     assert extend_launch(8, 4, 128, cfg, "auto") == ("rows", 32, 4, 2)
     assert extend_launch(16, 4, 128, cfg, "auto") == ("fa", 64, 4, 2)
     assert extend_launch(512, 4, 128, cfg, "auto") == ("fa", 128, 8, 2)
