@@ -18,18 +18,15 @@ import json
 
 import torch
 
-from kernels import PRESET, SHAPES, PagedCase, graph_latency, run_header   # this folder is sys.path[0]
+from kernels import case_for, graph_latency, run_header   # this folder is sys.path[0]
 
 PREFETCH = ("l2", "l2x2", None)
 
 
 def check(label: str, variants: dict) -> dict:
     """Max abs difference of each variant's output from the default call's, one cache."""
-    from kvarn.format import KVarNConfig
     from kvarn.kernels.decode_attention import paged_decode_attention
-    _, b, n, hq, hkv, d = next(s for s in SHAPES if s[0] == label)
-    cfg = KVarNConfig.from_name(PRESET, d)
-    case = PagedCase(b, n, hq, hkv, d, cfg, want=("kvarn",))
+    case, cfg, _ = case_for(label, want=("kvarn",))
     run = lambda **kw: paged_decode_attention(case.q, case.kv, case.records, case.bt, case.lens, cfg, **kw).float()
     base = run()
     out = {name: (run(**kw) - base).abs().max().item() for name, kw in variants.items()}

@@ -15,17 +15,14 @@ import json
 
 import torch
 
-from kernels import PRESET, SHAPES, PagedCase, graph_latency, kernel_times, run_header, wall_ms   # this folder is sys.path[0]
+from kernels import case_for, graph_latency, kernel_times, run_header, wall_ms   # this folder is sys.path[0]
 
 
 def breakdown(label: str, kernel: str, calls: int = 20, num_splits: int | None = None,
               maxnreg: int | None = None) -> dict:
     from torch.profiler import ProfilerActivity, profile
-    from kvarn.format import KVarNConfig
     from kvarn.kernels.decode_attention import paged_decode_attention
-    _, b, n, hq, hkv, d = next(s for s in SHAPES if s[0] == label)
-    cfg = KVarNConfig.from_name(PRESET, d)
-    case = PagedCase(b, n, hq, hkv, d, cfg, want=("kvarn",))
+    case, cfg, _ = case_for(label, want=("kvarn",))
     out = torch.empty_like(case.q)
     fn = lambda: paged_decode_attention(case.q, case.kv, case.records, case.bt, case.lens, cfg, out=out,
                                         kernel=kernel, num_splits=num_splits, maxnreg=maxnreg)

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from kernels import PRESET, SHAPES, PagedCase, bench, git_commit, source_sha256   # this folder is sys.path[0]
+from kernels import case_for, bench, git_commit, source_sha256   # this folder is sys.path[0]
 
 
 def graph_ms(fn) -> float:
@@ -29,13 +29,10 @@ def main():
                                                      "B16_N16K", "B64_N4K"])
     ap.add_argument("--out", default="modes.json")
     args = ap.parse_args()
-    from kvarn.format import KVarNConfig
     from kvarn.kernels import decode_attention as da
     rows = []
     for label in args.shapes:
-        _, b, n, hq, hkv, d = next(s for s in SHAPES if s[0] == label)
-        cfg = KVarNConfig.from_name(PRESET, d)
-        case = PagedCase(b, n, hq, hkv, d, cfg, want=("kvarn",))
+        case, cfg, _ = case_for(label, want=("kvarn",))
         out = torch.empty_like(case.q)
         fn = lambda: da.paged_decode_attention(case.q, case.kv, case.records, case.bt, case.lens, cfg, out=out,
                                                kernel="gluon")

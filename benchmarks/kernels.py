@@ -264,12 +264,19 @@ def time_sdpa(case: PagedCase, backend: str) -> float:
     return bench(fn)
 
 
-def decode_row(label, args, copy_bw) -> dict:
-    """One decode shape: check (optional), time the three implementations, sweep variants."""
+def case_for(label: str, copies: int = 1, want=("kvarn", "fp16", "sdpa")):
+    """(PagedCase, cfg, batch) for a SHAPES label: ``copies`` x its batch of sequences,
+    the KVarN preset at its head_dim."""
     from kvarn.format import KVarNConfig
     _, b, n, hq, hkv, d = next(s for s in SHAPES if s[0] == label)
     cfg = KVarNConfig.from_name(PRESET, d)
-    case = PagedCase(b, n, hq, hkv, d, cfg)
+    return PagedCase(b * copies, n, hq, hkv, d, cfg, want=want), cfg, b
+
+
+def decode_row(label, args, copy_bw) -> dict:
+    """One decode shape: check (optional), time the three implementations, sweep variants."""
+    case, cfg, b = case_for(label)
+    n, hq, hkv, d = case.ctx, case.hq, case.hkv, case.d
     row = {"shape": label, "batch": b, "context": n, "q_heads": hq, "kv_heads": hkv, "head_dim": d}
     if args.check:
         row["check_rel_err"] = {"kvarn": case.check("kvarn"), "fp16": case.check("fp16")}
@@ -319,11 +326,9 @@ def graph_latency(label, copies: int = 16, replays: int = 50, profile_names=(), 
     {name: paged_decode_attention keyword arguments}, more KVarN paths to time (as
     "kvarn_" + name)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from kvarn.format import KVarNConfig
     from kvarn.kernels.decode_attention import paged_decode_attention
-    _, b, n, hq, hkv, d = next(s for s in SHAPES if s[0] == label)
-    cfg = KVarNConfig.from_name(PRESET, d)
-    case = PagedCase(b * copies, n, hq, hkv, d, cfg)
+    case, cfg, b = case_for(label, copies)
+    hq, hkv = case.hq, case.hkv
     sl = [slice(i * b, (i + 1) * b) for i in range(copies)]
     outs = [torch.empty_like(case.q[s]) for s in sl]
     backend = sdpa_backend_name(case)
