@@ -6,8 +6,9 @@ shortfall (benchmarks/NOTES.md session 12).
                                    [--out b1_launch.json]
 
 Per shape: the default call ("kvarn"), SDPA, and the Gluon path at each split count x
-prefetch ("l2": one record ahead into L2, "l2x2": two, None) and at 128 splits without
-the register cap and at 200 registers, each variant's output
+prefetch ("l2": one record ahead into L2, "l2x2": two, None), at 128 splits without
+the register cap and at 200 registers, and at 128-256 splits under a 128 / 144 register
+cap (16 programs per SM: 256 splits in one wave), each variant's output
 checked against the default's on one cache first (max abs difference). Then the
 default's kernels profiled inside the replays with programmatic dependent launch off,
 so that no kernel's time includes waiting for the one before it (with PDL on, each
@@ -50,6 +51,12 @@ def main():
         # large batches; B1's 1,024 programs do not need them all): uncapped and between
         for cap in (0, 200):
             variants[f"s128_l2_cap{cap}"] = dict(kernel="gluon", num_splits=128, prefetch="l2", maxnreg=cap)
+        # below the cap: 128 registers (9 spill stores in the record loop, Triton 3.6
+        # offline) fit 16 one-warp programs per SM, so 256 splits of one record each
+        # (2,048 programs) are one wave on 132 SMs, where at 168 registers they are two
+        for s, p, cap in ((256, None, 128), (256, "l2", 128), (192, "l2", 128), (128, "l2", 128),
+                          (256, None, 144)):
+            variants[f"s{s}_{p}_cap{cap}"] = dict(kernel="gluon", num_splits=s, prefetch=p, maxnreg=cap)
         diffs = check(label, variants)
         copies = 8 if "128K" in label else 16
         g = graph_latency(label, copies=copies, variants=variants)

@@ -33,11 +33,11 @@
 #              programmatic dependent launch off and on (NOTES.md attempt 38)  (300 + 300)
 #   defaults   session 12: the GPU extend tests at the default launch (the joint records and
 #              the workspace now on there), of the dequant kernel's WORDS (attempt 45)
-#              and the GPU engine tests; the workspace shapes and its threshold shapes
-#              (2-6 programs per record) with KVARN_DEQUANT_WORDS=1, fa without / with it;
-#              b1_launch.py (the Gluon path's splits x prefetch under graph replay);
-#              the threshold shapes at the default (WORDS off);
-#              extend.py at the new defaults (six shapes)     (150 + 130 + 150 + 100 + 100)
+#              and the GPU engine tests; b1_launch.py (the Gluon path's splits x prefetch x
+#              register cap under graph replay); the workspace shapes and its threshold
+#              shapes (2-6 programs per record) with KVARN_DEQUANT_WORDS=1, fa without /
+#              with it; the threshold shapes at the default (WORDS off);
+#              extend.py at the new defaults (six shapes)     (150 + 180 + 130 + 100 + 100)
 # KVARN_GLUON_DIMS, _FP16_CHUNKS, _SIDE_STREAM, _PAIR and KVARN_PDL (decode_attention.py) pass through to
 # every step.
 set -u
@@ -78,10 +78,10 @@ for step in "$@"; do
         run ws 150 $PY benchmarks/extend.py --variants --workspace-only --out "$RES/extend_ws.json" \
              --shapes B1_P16K_T512 B1_P4K_T2K B4_P8K_T256 B32_P8K_T16 ;;
     defaults) run defaults_tests 150 $PY -m pytest -q -m gpu tests/kernels/test_extend_attention.py tests/engine/test_gpu_engine.py -k "default or engine or words"
+              run b1_launch 180 $PY benchmarks/b1_launch.py --out "$RES/b1_launch.json"
               run ws_words 130 env KVARN_DEQUANT_WORDS=1 $PY benchmarks/extend.py --variants --workspace-only \
                    --out "$RES/extend_ws_words.json" --shapes B1_P16K_T512 B1_P4K_T2K B4_P8K_T256 \
                    B8_P8K_T64 B8_P8K_T96 B8_P8K_T128 B8_P8K_T160 B8_P8K_T192
-              run b1_launch 150 $PY benchmarks/b1_launch.py --out "$RES/b1_launch.json"
               run ws_threshold 100 $PY benchmarks/extend.py --variants --workspace-only --out "$RES/extend_ws_threshold.json" \
                    --shapes B8_P8K_T64 B8_P8K_T96 B8_P8K_T128 B8_P8K_T160 B8_P8K_T192
               run extend 100 $PY benchmarks/extend.py --out "$RES/extend.json" ;;
