@@ -77,7 +77,7 @@ for step in "$@"; do
     ws) run ws_tests 150 $PY -m pytest -q -m gpu tests/kernels/test_extend_attention.py -k "workspace or fa"
         run ws 150 $PY benchmarks/extend.py --variants --workspace-only --out "$RES/extend_ws.json" \
              --shapes B1_P16K_T512 B1_P4K_T2K B4_P8K_T256 B32_P8K_T16 ;;
-    defaults) run defaults_tests 150 $PY -m pytest -q -m gpu tests/kernels/test_extend_attention.py tests/engine/test_gpu_engine.py -k "default or engine or words"
+    defaults) run defaults_tests 150 $PY -m pytest -q -m gpu tests/kernels/test_extend_attention.py tests/engine/test_gpu_engine.py tests/kernels/test_decode_gluon.py -k "default or engine or words or wide"
               run b1_launch 180 $PY benchmarks/b1_launch.py --out "$RES/b1_launch.json"
               run ws_words 130 env KVARN_DEQUANT_WORDS=1 $PY benchmarks/extend.py --variants --workspace-only \
                    --out "$RES/extend_ws_words.json" --shapes B1_P16K_T512 B1_P4K_T2K B4_P8K_T256 \

@@ -245,3 +245,36 @@ def test_pdl_modes():
         a = paged_decode_attention(q, kv, records, bt, ctx, cfg, num_splits=2, pdl=True)
         b = paged_decode_attention(q, kv, records, bt, ctx, cfg, num_splits=2, pdl=False)
         assert torch.equal(a, b)
+
+
+def test_gluon_launch_wide_rule():
+    """``gluon_launch``: decode_gluon.LAUNCH's cap and the wave rule's splits (at least two
+    blocks each, up to 128) unless the wide launch is asked for; then LAUNCH_WIDE's cap and
+    splits down to one block where the rule ranks it cheaper (132 SMs, the H100's)."""
+    from kvarn.kernels.decode_attention import gluon_available, gluon_launch
+    if not gluon_available():
+        pytest.skip("this Triton has no Gluon API (decode_gluon.py needs Triton 3.6+)")
+    from kvarn.kernels import decode_gluon
+    cap, per_sm, _ = decode_gluon.LAUNCH[128]
+    # B1 N32K: 8 programs x 256 blocks
+    assert gluon_launch(8, 256, 132, 128, wide=False) == (128, cap, per_sm)
+    cap_w, per_w, max_w = decode_gluon.LAUNCH_WIDE[128]
+    assert gluon_launch(8, 256, 132, 128, wide=True) == (256, cap_w, per_w)
+    # splits never exceed LAUNCH_WIDE's most, nor the blocks
+    splits, _, _ = gluon_launch(8, 1024, 132, 128, wide=True)
+    assert splits <= max_w
+    assert gluon_launch(8, 3, 132, 128, wide=True)[0] <= 3
+    # head dims without a wide launch keep LAUNCH's
+    for d in (64, 256):
+        assert d not in decode_gluon.LAUNCH_WIDE
+        assert gluon_launch(8, 256, 132, d, wide=True)[1:] == decode_gluon.LAUNCH[d][:2]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qh,lens", [(4, [32768]), (4, [1, 129, 257, 9000, 16385]), (8, [20000, 300])])
+def test_gluon_decode_wide_launch(qh, lens, monkeypatch):
+    """The wide launch (KVARN_GLUON_WIDE: one-record splits at LAUNCH_WIDE's register cap)
+    against the reference."""
+    from kvarn.kernels import decode_attention
+    monkeypatch.setattr(decode_attention, "GLUON_WIDE", True)
+    run_case("kvarn_k4v2_g128", 128, qh, lens, None, hkv=4, seed=17, kernel="gluon")
