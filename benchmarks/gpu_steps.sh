@@ -42,6 +42,7 @@
 #              with the split sweep cut to 128 / 256 and the wide launch at B1 N4K / B16 N16K
 #   s13b       shorter still: the wide / WORDS GPU tests, b1_launch at B1 N32K (wide launch
 #              alone at B1 N4K / N128K, B16 N16K), WORDS at four workspace shapes  (90 + 150 + 80)
+#   s13c       the wide launch only: its GPU tests, b1_launch at B1 N32K and B1 N4K  (70 + 130)
 # KVARN_GLUON_DIMS, _FP16_CHUNKS, _SIDE_STREAM, _PAIR and KVARN_PDL (decode_attention.py) pass through to
 # every step.
 set -u
@@ -102,9 +103,12 @@ for step in "$@"; do
                --wide-shapes B1_N4K B1_N128K B16_N16K --out "$RES/b1_launch.json"
           run ws_words 80 env KVARN_DEQUANT_WORDS=1 $PY benchmarks/extend.py --variants --workspace-only \
                --out "$RES/extend_ws_words.json" --shapes B4_P8K_T256 B1_P16K_T512 B8_P8K_T64 B8_P8K_T128 ;;
+    s13c) run wide_tests 70 $PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py -k "wide"
+          run b1_launch 130 $PY benchmarks/b1_launch.py --shapes B1_N32K --splits 128 256 \
+               --wide-shapes B1_N4K --out "$RES/b1_launch.json" ;;
     bd) run bd 150 $PY benchmarks/decode_breakdown.py --out "$RES/breakdown.json" ;;
     pdl) run pdl_tests 300 $PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py tests/kernels/test_decode_attention.py
          run pdl 300 $PY benchmarks/pdl.py --out "$RES/pdl.json" ;;
-    *) echo "unknown step $step (tests tests_rest kernels breakdown variants extend engine store pdl ws bd defaults s13 s13b)"; exit 2 ;;
+    *) echo "unknown step $step (tests tests_rest kernels breakdown variants extend engine store pdl ws bd defaults s13 s13b s13c)"; exit 2 ;;
   esac
 done
