@@ -31,18 +31,16 @@
 #   pdl        the GPU decode tests (test_decode_gluon.py, the PDL cases among them, and
 #              test_decode_attention.py), then pdl.py: graph replay and eager time with
 #              programmatic dependent launch off and on (NOTES.md attempt 38)  (300 + 300)
-#   defaults   session 12: the GPU extend tests at the default launch (the joint records and
-#              the workspace now on there), of the dequant kernel's WORDS (attempt 45)
-#              and the GPU engine tests; b1_launch.py (the Gluon path's splits x prefetch x
+#   defaults   sessions 12-13: the GPU extend tests at the default launch (the joint records
+#              and the workspace now on there), of the dequant kernel's WORDS (attempt 45),
+#              of the wide decode launch (attempt 49) and the GPU engine tests; b1_launch.py (the Gluon path's splits x prefetch x
 #              register cap under graph replay); the workspace shapes and its threshold
 #              shapes (2-6 programs per record) with KVARN_DEQUANT_WORDS=1, fa without /
 #              with it; the threshold shapes at the default (WORDS off);
 #              extend.py at the new defaults (six shapes)     (150 + 180 + 130 + 100 + 100)
-#   s13        session 13, device time short: defaults' steps less extend.py, b1_launch first
-#              with the split sweep cut to 128 / 256 and the wide launch at B1 N4K / B16 N16K
-#   s13b       shorter still: the wide / WORDS GPU tests, b1_launch at B1 N32K (wide launch
-#              alone at B1 N4K / N128K, B16 N16K), WORDS at four workspace shapes  (90 + 150 + 80)
-#   s13c       the wide launch only: its GPU tests, b1_launch at B1 N32K and B1 N4K  (70 + 130)
+#   short      for a short device budget: the wide / WORDS GPU tests, b1_launch at B1 N32K
+#              (the wide launch alone at B1 N4K / N128K, B16 N16K), WORDS at four
+#              workspace shapes  (90 + 150 + 80)
 # KVARN_GLUON_DIMS, _FP16_CHUNKS, _SIDE_STREAM, _PAIR and KVARN_PDL (decode_attention.py) pass through to
 # every step.
 set -u
@@ -90,25 +88,14 @@ for step in "$@"; do
               run ws_threshold 100 $PY benchmarks/extend.py --variants --workspace-only --out "$RES/extend_ws_threshold.json" \
                    --shapes B8_P8K_T64 B8_P8K_T96 B8_P8K_T128 B8_P8K_T160 B8_P8K_T192
               run extend 100 $PY benchmarks/extend.py --out "$RES/extend.json" ;;
-    s13) run b1_launch 200 $PY benchmarks/b1_launch.py --splits 128 256 --wide-shapes B1_N4K B16_N16K \
-              --out "$RES/b1_launch.json"
-         run defaults_tests 150 $PY -m pytest -q -m gpu tests/kernels/test_extend_attention.py tests/engine/test_gpu_engine.py tests/kernels/test_decode_gluon.py -k "default or engine or words or wide"
-         run ws_words 130 env KVARN_DEQUANT_WORDS=1 $PY benchmarks/extend.py --variants --workspace-only \
-              --out "$RES/extend_ws_words.json" --shapes B1_P16K_T512 B1_P4K_T2K B4_P8K_T256 \
-              B8_P8K_T64 B8_P8K_T96 B8_P8K_T128 B8_P8K_T160 B8_P8K_T192
-         run ws_threshold 100 $PY benchmarks/extend.py --variants --workspace-only --out "$RES/extend_ws_threshold.json" \
-              --shapes B8_P8K_T64 B8_P8K_T96 B8_P8K_T128 B8_P8K_T160 B8_P8K_T192 ;;
-    s13b) run wide_words_tests 90 $PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py tests/kernels/test_extend_attention.py -k "wide or words"
+    short) run wide_words_tests 90 $PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py tests/kernels/test_extend_attention.py -k "wide or words"
           run b1_launch 150 $PY benchmarks/b1_launch.py --shapes B1_N32K --splits 128 256 \
                --wide-shapes B1_N4K B1_N128K B16_N16K --out "$RES/b1_launch.json"
           run ws_words 80 env KVARN_DEQUANT_WORDS=1 $PY benchmarks/extend.py --variants --workspace-only \
                --out "$RES/extend_ws_words.json" --shapes B4_P8K_T256 B1_P16K_T512 B8_P8K_T64 B8_P8K_T128 ;;
-    s13c) run wide_tests 70 $PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py -k "wide"
-          run b1_launch 130 $PY benchmarks/b1_launch.py --shapes B1_N32K --splits 128 256 \
-               --wide-shapes B1_N4K --out "$RES/b1_launch.json" ;;
     bd) run bd 150 $PY benchmarks/decode_breakdown.py --out "$RES/breakdown.json" ;;
     pdl) run pdl_tests 300 $PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py tests/kernels/test_decode_attention.py
          run pdl 300 $PY benchmarks/pdl.py --out "$RES/pdl.json" ;;
-    *) echo "unknown step $step (tests tests_rest kernels breakdown variants extend engine store pdl ws bd defaults s13 s13b s13c)"; exit 2 ;;
+    *) echo "unknown step $step (tests tests_rest kernels breakdown variants extend engine store pdl ws bd defaults short)"; exit 2 ;;
   esac
 done
