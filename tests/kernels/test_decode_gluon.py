@@ -271,10 +271,14 @@ def test_gluon_launch_wide_rule():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("qh,lens", [(4, [32768]), (4, [1, 129, 257, 9000, 16385]), (8, [20000, 300])])
+@pytest.mark.parametrize("qh,lens", [(4, [32768]), (4, [1, 129, 257, 9000, 32769]), (8, [40000, 300])])
 def test_gluon_decode_wide_launch(qh, lens, monkeypatch):
     """The wide launch (KVARN_GLUON_WIDE: one-record splits at LAUNCH_WIDE's register cap)
     against the reference."""
-    from kvarn.kernels import decode_attention
+    from kvarn.kernels import decode_attention, decode_gluon
+    # each case takes the wide launch (on an H100's 132 SMs, and on any GPU of 64 or more)
+    for sms in (64, 132, decode_attention._sm_count(torch.device("cuda"))):
+        assert decode_attention.gluon_launch(4 * len(lens), -(-max(lens) // 128), sms, 128,
+                                             wide=True)[1] == decode_gluon.LAUNCH_WIDE[128][0]
     monkeypatch.setattr(decode_attention, "GLUON_WIDE", True)
     run_case("kvarn_k4v2_g128", 128, qh, lens, None, hkv=4, seed=17, kernel="gluon")
