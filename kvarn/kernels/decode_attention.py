@@ -1170,8 +1170,8 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
         if num_splits is None:
             num_splits = _gluon_splits(max(bsz * hkv, 1), block_tables.shape[1], _sm_count(q.device), per_sm)[0]
     elif num_splits is None:
-        num_splits, maxnreg0, per_sm = gluon_launch(max(bsz * hkv, 1), block_tables.shape[1],
-                                                    _sm_count(q.device), d)
+        num_splits, maxnreg0, _ = gluon_launch(max(bsz * hkv, 1), block_tables.shape[1],
+                                               _sm_count(q.device), d)
     num_splits = max(1, int(num_splits))
     if maxnreg is None:
         maxnreg = maxnreg0

@@ -236,7 +236,7 @@ def test_extend_gpu_large(preset, d, qh, lens, q_lens, launch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset,d", [("kvarn_k4v2_g128", 128), ("kvarn_k4v2_g64", 64),
                                       ("kvarn_k4v4_g128", 256), ("kvarn_k4v2_g128", 64)])
-def test_dequant_words_gpu_large(preset, d):
+def test_dequant_words_gpu_large(preset, d, monkeypatch):
     """The dequant kernel expanding whole words (WORDS, attempt 45) writes what the
     per-code gathers write, at large ragged batches, in every record row; and the fa
     kernel over that workspace matches the reference."""
@@ -253,12 +253,8 @@ def test_dequant_words_gpu_large(preset, d):
     assert len(rows) > 50
     rows = torch.tensor(rows, device=DEVICE)
     torch.testing.assert_close(b[:, rows].float(), a[:, rows].float(), atol=1e-3, rtol=1e-3)
-    old = ext.DEQUANT_WORDS
-    ext.DEQUANT_WORDS = True
-    try:
-        run_case(preset, d, 4, lens, q_lens, hkv=4, seed=11, kernel="fa", workspace=True, check_ref_op=False)
-    finally:
-        ext.DEQUANT_WORDS = old
+    monkeypatch.setattr(ext, "DEQUANT_WORDS", True)
+    run_case(preset, d, 4, lens, q_lens, hkv=4, seed=11, kernel="fa", workspace=True, check_ref_op=False)
 
 
 @pytest.mark.gpu
