@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from kernels import PRESET, bench, git_commit, kvarn_paged_cache, source_sha256   # this folder is sys.path[0]
+from kernels import PRESET, bench, git_commit, kvarn_env, kvarn_paged_cache, source_sha256   # this folder is sys.path[0]
 
 SHAPES = [  # (label, batch, prefix, new tokens)
     ("B1_P16K_T512", 1, 16384, 512),
@@ -29,9 +29,9 @@ SHAPES = [  # (label, batch, prefix, new tokens)
     ("B32_P8K_T16", 32, 8192, 16),     # 16 drafted tokens: 64 rows, where "auto" turns to "fa"
     ("B64_P16K_T4", 64, 16384, 4),
 ]
-# Run when named in --shapes: 2, 3, 4, 5 and 6 fa programs (of 32 new tokens) per sequence and
-# KV head, for the workspace's threshold (use_workspace, WS_MIN_PROGRAMS)
-WS_SHAPES = [("B8_P8K_T64", 8, 8192, 64), ("B8_P8K_T96", 8, 8192, 96), ("B8_P8K_T128", 8, 8192, 128),
+# Run when named in --shapes: 1, 2, 3, 4, 5 and 6 fa programs (of 32 new tokens) per sequence
+# and KV head, for the workspace's threshold (use_workspace, WS_MIN_PROGRAMS)
+WS_SHAPES = [("B8_P8K_T32", 8, 8192, 32), ("B8_P8K_T64", 8, 8192, 64), ("B8_P8K_T96", 8, 8192, 96), ("B8_P8K_T128", 8, 8192, 128),
              ("B8_P8K_T160", 8, 8192, 160),
              ("B8_P8K_T192", 8, 8192, 192)]
 HQ, HKV, D = 32, 8, 128
@@ -218,7 +218,7 @@ def _dump(args, rows):
                "versions": {"torch": torch.__version__, "triton": triton.__version__,
                             "python": platform.python_version(), "cuda": torch.version.cuda},
                "timing": "triton.testing.do_bench median (L2 flushed before each call)",
-               "kvarn_preset": PRESET, "rows": rows}, open(args.out, "w"), indent=1)
+               "env": kvarn_env(), "kvarn_preset": PRESET, "rows": rows}, open(args.out, "w"), indent=1)
 
 
 if __name__ == "__main__":

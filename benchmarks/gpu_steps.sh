@@ -27,6 +27,9 @@
 #   ws         the GPU extend tests of the fa kernel and its workspace, then extend.py
 #              timing fa without / with the workspace at the hundreds-of-tokens shapes
 #              and B32 x 16 (NOTES.md attempt 37's workspace in code order) (150 + 150)
+#   verify     session 14, after a default changed: extend.py at the defaults, the workspace
+#              on / off at 1-2 fa programs per record, the GPU engine tests, then the tests
+#              step (every GPU kernel test)                          (60 + 60 + 100 + 420)
 #   bd         decode_breakdown.py alone, default launches (the breakdown step's first run) (150)
 #   pdl        the GPU decode tests (test_decode_gluon.py, the PDL cases among them, and
 #              test_decode_attention.py), then pdl.py: graph replay and eager time with
@@ -93,9 +96,14 @@ for step in "$@"; do
                --wide-shapes B1_N4K B1_N128K B16_N16K --out "$RES/b1_launch.json"
           run ws_words 80 env KVARN_DEQUANT_WORDS=1 $PY benchmarks/extend.py --variants --workspace-only \
                --out "$RES/extend_ws_words.json" --shapes B4_P8K_T256 B1_P16K_T512 B8_P8K_T64 B8_P8K_T128 ;;
+    verify) run extend 60 $PY benchmarks/extend.py --out "$RES/extend.json"
+            run ws_low 60 $PY benchmarks/extend.py --variants --workspace-only --out "$RES/extend_ws_low.json" \
+                 --shapes B8_P8K_T32 B8_P8K_T64 B32_P8K_T16
+            run engine_tests 100 $PY -m pytest -q -m gpu tests/engine/test_gpu_engine.py
+            run tests 420 bash -c "$PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py tests/kernels && $PY -m pytest -q tests/kernels/test_decode_parts.py" ;;
     bd) run bd 150 $PY benchmarks/decode_breakdown.py --out "$RES/breakdown.json" ;;
     pdl) run pdl_tests 300 $PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py tests/kernels/test_decode_attention.py
          run pdl 300 $PY benchmarks/pdl.py --out "$RES/pdl.json" ;;
-    *) echo "unknown step $step (tests tests_rest kernels breakdown variants extend engine store pdl ws bd defaults short)"; exit 2 ;;
+    *) echo "unknown step $step (tests tests_rest kernels breakdown variants extend engine store pdl ws bd defaults short verify)"; exit 2 ;;
   esac
 done

@@ -112,7 +112,13 @@ def run_header() -> dict:
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
                      "cuda": torch.version.cuda},
         "gluon": gluon_settings(),
+        "env": kvarn_env(),
     }
+
+
+def kvarn_env() -> dict:
+    """The KVARN_* environment the run saw (the kernels' opt-in and default switches)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("KVARN_") and k != "KVARN_GIT_COMMIT"}
 
 
 def wall_ms(fn, calls: int) -> float:

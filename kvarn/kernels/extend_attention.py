@@ -72,8 +72,10 @@ EXTEND_WORKSPACE = os.environ.get("KVARN_EXTEND_WORKSPACE", "auto")
 # "1": wherever it applies; "0": never.
 EXTEND_REC_JOINT = os.environ.get("KVARN_EXTEND_REC_JOINT", "auto")
 # The workspace's dequant kernel expanding whole code words (``_dequant_prefix_kernel``
-# WORDS; NOTES.md attempt 45): "0" until it has run on a GPU.
-DEQUANT_WORDS = os.environ.get("KVARN_DEQUANT_WORDS", "0") == "1"
+# WORDS; NOTES.md attempt 45), on by default ("0" turns it off): H100, session 14
+# (results/extend_h100_s14_words.json), with the workspace B4 8K+256 0.647 -> 0.535 ms,
+# B1 16K+512 0.576 -> 0.527, B8 8K+160 1.014 -> 0.819.
+DEQUANT_WORDS = os.environ.get("KVARN_DEQUANT_WORDS", "1") == "1"
 
 
 @triton.jit
@@ -524,7 +526,7 @@ def dequant_prefix(records, block_tables, context_lens, cu_seqlens_q, cfg: KVarN
     ws [2, B * max_blocks, Hkv, G, D] (K, V), block i of sequence b at row b * max_blocks
     + i, in an fp16 cache block's layout (``_dequant_prefix_kernel``); other rows are
     left unwritten. words: the kernel's WORDS (codes expanded from whole words); None:
-    ``DEQUANT_WORDS`` (env ``KVARN_DEQUANT_WORDS``, off until it has run on a GPU)."""
+    ``DEQUANT_WORDS`` (env ``KVARN_DEQUANT_WORDS``, on unless "0")."""
     bsz, max_blocks = block_tables.shape
     hkv, g, d = records.shape[1], cfg.group_size, cfg.head_dim
     ws = torch.empty(2, bsz * max_blocks, hkv, g, d, dtype=dtype, device=records.device)
@@ -537,8 +539,11 @@ def dequant_prefix(records, block_tables, context_lens, cu_seqlens_q, cfg: KVarN
 
 
 # The workspace (paged_extend_attention) is used when at least this many programs per KV
-# head and sequence would each dequantize the same records, and it fits WS_MAX_BYTES.
-WS_MIN_PROGRAMS = 5
+# head and sequence would each dequantize the same records, and it fits WS_MAX_BYTES:
+# WS_MIN_PROGRAMS with the dequant kernel's WORDS (the default), WS_MIN_PROGRAMS_NO_WORDS
+# without (``use_workspace``).
+WS_MIN_PROGRAMS = 2
+WS_MIN_PROGRAMS_NO_WORDS = 5
 WS_MAX_BYTES = 512 << 20
 
 
@@ -548,14 +553,19 @@ def use_workspace(cfg: KVarNConfig | None, programs_per_head: int, bsz: int, max
 
     Without it every program of a (sequence, KV head) dequantizes each record in
     registers; with it they are dequantized once (``dequant_prefix``) and every program
-    reads fp16 back, so it pays from some number of programs per record on. H100
-    (results/extend_h100_s12.json): B1 16K+512 (16 programs) 0.574 ms against 0.781,
-    B1 4K+2K (64) 0.570 against 1.296, B4 8K+256 (8) 0.634 against 0.782; forced at one
-    program (B32 8K+16) 1.77 against 0.74. From those rows, against the fp16 cache's time,
-    a record costs about 18 ns of GPU time per program that dequantizes it in registers
-    (0.29-0.31 ms over 16K record-program pairs) and about 80 ns through the workspace
-    (0.08-0.16 ms over 1-2K records), so it breaks even near 4.4 programs: from 5 on."""
-    return (cfg is not None and programs_per_head >= WS_MIN_PROGRAMS
+    reads fp16 back, so it pays from some number of programs per record on. H100,
+    8 sequences of 8K + 64 / 96 / 128 / 160 / 192 new tokens (2-6 fa programs of 32
+    tokens), fa without -> with the workspace (session 14, results/extend_h100_s14_*.json):
+
+        WORDS on  (default)   0.410 -> 0.378, 0.787 -> 0.599, 0.795 -> 0.602,
+                              1.159 -> 0.808, 1.161 -> 0.817 ms: pays from 2 programs
+        WORDS off             0.407 -> 0.577, 0.781 -> 0.791, 0.795 -> 0.797,
+                              1.162 -> 1.013, 1.179 -> 1.021: from 5
+
+    At one program the workspace only adds its write and read back (session 12, WORDS
+    off, B32 8K+16: 1.77 ms against 0.74)."""
+    least = WS_MIN_PROGRAMS if DEQUANT_WORDS else WS_MIN_PROGRAMS_NO_WORDS
+    return (cfg is not None and programs_per_head >= least
             and 4 * bsz * max_blocks * hkv * g * d <= WS_MAX_BYTES)
 
 

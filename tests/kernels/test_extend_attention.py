@@ -177,7 +177,7 @@ def test_extend_launch_choices():
     assert extend_launch(9, 3, 64, None, "rows", block_m=32, num_warps=2) == ("rows", 32, 2, 2)
 
 
-def test_extend_joint_and_workspace_rules():
+def test_extend_joint_and_workspace_rules(monkeypatch):
     """Where the defaults turn on the joint record loop and the fp16 workspace."""
     from kvarn.kernels.extend_attention import rec_joint_auto, use_workspace
     k4v2 = KVarNConfig.from_name("kvarn_k4v2_g128", 128)
@@ -189,9 +189,13 @@ def test_extend_joint_and_workspace_rules():
     assert rec_joint_auto(None, 128, 64, "1") and not rec_joint_auto(k4v2, 128, 16, "0")
     with pytest.raises(ValueError, match="KVARN_EXTEND_REC_JOINT"):
         rec_joint_auto(k4v2, 128, 16, "yes")
-    # programs per KV head reading each record: from WS_MIN_PROGRAMS on, within WS_MAX_BYTES
-    assert use_workspace(k4v2, ext.WS_MIN_PROGRAMS, 1, 130, 8, 128, 128)
-    assert not use_workspace(k4v2, ext.WS_MIN_PROGRAMS - 1, 1, 130, 8, 128, 128)
+    # programs per KV head reading each record: from WS_MIN_PROGRAMS on (2) with the dequant
+    # kernel's WORDS, from WS_MIN_PROGRAMS_NO_WORDS (5) without, within WS_MAX_BYTES
+    for words, least in ((True, 2), (False, 5)):
+        monkeypatch.setattr(ext, "DEQUANT_WORDS", words)
+        assert use_workspace(k4v2, least, 1, 130, 8, 128, 128)
+        assert not use_workspace(k4v2, least - 1, 1, 130, 8, 128, 128)
+    monkeypatch.setattr(ext, "DEQUANT_WORDS", True)
     assert not use_workspace(None, 64, 1, 130, 8, 128, 128)                     # the fp16 cache
     assert not use_workspace(k4v2, 64, 32, 65, 8, 128, 128)                     # 1.09 GB
 
