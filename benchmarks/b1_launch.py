@@ -8,9 +8,8 @@ shortfall (benchmarks/NOTES.md session 12).
 Per shape: the default call ("kvarn"), SDPA, and the Gluon path at each split count x
 prefetch ("l2": one record ahead into L2, "l2x2": two, None), at 128 splits without
 the register cap and at 200 registers, and at 128-256 splits under a 128 / 144 register
-cap (16 programs per SM: 256 splits in one wave) and at ``gluon_launch``'s wide launch
-(decode_gluon.LAUNCH_WIDE; also alone at --wide-shapes), each variant's output
-checked against the default's on one cache first (max abs difference). Then the
+cap (16 programs per SM: 256 splits in one wave), each variant's output checked
+against the default's on one cache first (max abs difference). Then the
 default's kernels profiled inside the replays with programmatic dependent launch off,
 so that no kernel's time includes waiting for the one before it (with PDL on, each
 kernel is launched early and its device time includes that wait).
@@ -25,22 +24,10 @@ from kernels import case_for, graph_latency, run_header   # this folder is sys.p
 PREFETCH = ("l2", "l2x2", None)
 
 
-def wide_variant(case) -> dict:
-    """The Gluon call at ``gluon_launch``'s wide launch (decode_gluon.LAUNCH_WIDE) for the
-    case's batch and block-table width, as paged_decode_attention keywords."""
-    from kvarn.kernels.decode_attention import _sm_count, gluon_launch
-    bsz, hq, d = case.q.shape
-    splits, cap, _ = gluon_launch(bsz * case.hkv, case.bt.shape[1], _sm_count(case.q.device), d, wide=True)
-    return dict(kernel="gluon", num_splits=splits, maxnreg=cap)
-
-
-def check(label: str, variants: dict, add_wide: bool = False) -> dict:
-    """Max abs difference of each variant's output from the default call's, one cache.
-    add_wide: first add variants["wide"] (``wide_variant``) for the shape."""
+def check(label: str, variants: dict) -> dict:
+    """Max abs difference of each variant's output from the default call's, one cache."""
     from kvarn.kernels.decode_attention import paged_decode_attention
     case, cfg, _ = case_for(label, want=("kvarn",))
-    if add_wide:
-        variants["wide"] = wide_variant(case)
     run = lambda **kw: paged_decode_attention(case.q, case.kv, case.records, case.bt, case.lens, cfg, **kw).float()
     base = run()
     out = {name: (run(**kw) - base).abs().max().item() for name, kw in variants.items()}
@@ -53,8 +40,6 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="*", default=["B1_N32K", "B1_N128K"])
     ap.add_argument("--splits", nargs="*", type=int, default=[64, 96, 128, 192, 256])
-    ap.add_argument("--wide-shapes", nargs="*", default=["B1_N4K", "B16_N16K", "B64_N16K"],
-                    help="shapes timed only at the default call, the default Gluon call and the wide launch")
     ap.add_argument("--out", default="b1_launch.json")
     args = ap.parse_args()
     from kvarn.kernels import decode_attention
@@ -69,10 +54,11 @@ def main():
         # below the cap: 128 registers (9 spill stores in the record loop, Triton 3.6
         # offline) fit 16 one-warp programs per SM, so 256 splits of one record each
         # (2,048 programs) are one wave on 132 SMs, where at 168 registers they are two
+        # (NOTES.md attempt 49: slower, H100 session 14, B1 N32K 0.029-0.030 ms against 0.025)
         for s, p, cap in ((256, None, 128), (256, "l2", 128), (192, "l2", 128), (128, "l2", 128),
                           (256, None, 144)):
             variants[f"s{s}_{p}_cap{cap}"] = dict(kernel="gluon", num_splits=s, prefetch=p, maxnreg=cap)
-        diffs = check(label, variants, add_wide=True)
+        diffs = check(label, variants)
         copies = 8 if "128K" in label else 16
         g = graph_latency(label, copies=copies, variants=variants)
         row = {"shape": label, "copies": copies, "kvarn": g["kvarn"]["ms_median"], "sdpa": g["sdpa"]["ms_median"],
@@ -94,23 +80,6 @@ def main():
               flush=True)
         for v in row["variants"]:
             print(f"    {v['name']:12s} {v['ms']:.4f} ms (diff {v['max_abs_diff_vs_default']:.1e})", flush=True)
-    # the wide launch where the wave rule would also pick it (gluon_launch), beside the
-    # default call and the default Gluon call, without the sweep
-    for label in args.wide_shapes:
-        variants = {"gluon": dict(kernel="gluon")}
-        diffs = check(label, variants, add_wide=True)
-        copies = 2 if label.startswith("B64") else 16
-        g = graph_latency(label, copies=copies, variants=variants)
-        row = {"shape": label, "copies": copies, "kvarn": g["kvarn"]["ms_median"], "sdpa": g["sdpa"]["ms_median"],
-               "variants": [{"name": k, **variants[k], "ms": g["kvarn_" + k]["ms_median"],
-                             "max_abs_diff_vs_default": diffs[k]} for k in variants]}
-        res["rows"].append(row)
-        json.dump(res, open(args.out, "w"), indent=1)
-        print(f"{label}: default {row['kvarn']:.4f} ms, sdpa {row['sdpa']:.4f}; "
-              + "; ".join(f"{v['name']} {v['ms']:.4f} ({v.get('num_splits', '-')} splits, cap "
-                          f"{v.get('maxnreg', '-')}, diff {v['max_abs_diff_vs_default']:.1e})" for v in row["variants"]),
-              flush=True)
-
 
 if __name__ == "__main__":
     main()

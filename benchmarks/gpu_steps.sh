@@ -7,8 +7,9 @@
 # Steps (seconds are the limits, sized from session 5-9 runs):
 #   tests      pytest -m gpu tests/kernels (the Gluon file first), then the
 #              chunk/merge tests of test_decode_parts.py on the GPU            (540)
-#              (session 9 on a fresh H100: 265 s; session 9 then added 20 extend and
-#              8 store launch cases, so allow more)
+#              (session 9 on a fresh H100: 265 s; since then many cases were added:
+#              session 14's ran 62 tests of test_decode_gluon.py in its first 420 s, so
+#              the step needs a call of its own, or tests_rest plus verify's extend tests)
 #   tests_rest the tests step without test_extend_attention.py and test_store.py, for a
 #              call that runs the extend and store steps (they test those files)  (420)
 #   kernels    kernels.py --check, every shape, graph replay of the B1 rows    (300)
@@ -27,23 +28,22 @@
 #   ws         the GPU extend tests of the fa kernel and its workspace, then extend.py
 #              timing fa without / with the workspace at the hundreds-of-tokens shapes
 #              and B32 x 16 (NOTES.md attempt 37's workspace in code order) (150 + 150)
-#   verify     session 14, after a default changed: extend.py at the defaults, the workspace
-#              on / off at 1-2 fa programs per record, the GPU engine tests, then the tests
-#              step (every GPU kernel test)                          (60 + 60 + 100 + 420)
+#   verify     session 14, after an extend default changed: extend.py at the defaults, the
+#              workspace on / off at 1-2 fa programs per record, the GPU engine tests, then
+#              the GPU extend tests (session 14: 67 of them took 270 s)  (60 + 60 + 100 + 360)
 #   bd         decode_breakdown.py alone, default launches (the breakdown step's first run) (150)
 #   pdl        the GPU decode tests (test_decode_gluon.py, the PDL cases among them, and
 #              test_decode_attention.py), then pdl.py: graph replay and eager time with
 #              programmatic dependent launch off and on (NOTES.md attempt 38)  (300 + 300)
 #   defaults   sessions 12-13: the GPU extend tests at the default launch (the joint records
-#              and the workspace now on there), of the dequant kernel's WORDS (attempt 45),
-#              of the wide decode launch (attempt 49) and the GPU engine tests; b1_launch.py (the Gluon path's splits x prefetch x
+#              and the workspace now on there), of the dequant kernel's WORDS (attempt 45)
+#              and the GPU engine tests; b1_launch.py (the Gluon path's splits x prefetch x
 #              register cap under graph replay); the workspace shapes and its threshold
-#              shapes (2-6 programs per record) with KVARN_DEQUANT_WORDS=1, fa without /
-#              with it; the threshold shapes at the default (WORDS off);
+#              shapes (2-6 programs per record) with KVARN_DEQUANT_WORDS=1 (the default
+#              since session 14), fa without / with it; the threshold shapes with WORDS off;
 #              extend.py at the new defaults (six shapes)     (150 + 180 + 130 + 100 + 100)
-#   short      for a short device budget: the wide / WORDS GPU tests, b1_launch at B1 N32K
-#              (the wide launch alone at B1 N4K / N128K, B16 N16K), WORDS at four
-#              workspace shapes  (90 + 150 + 80)
+#   short      for a short device budget: the WORDS GPU tests, b1_launch at B1 N32K at
+#              128 / 256 splits, WORDS at four workspace shapes  (90 + 150 + 80)
 # KVARN_GLUON_DIMS, _FP16_CHUNKS, _SIDE_STREAM, _PAIR and KVARN_PDL (decode_attention.py) pass through to
 # every step.
 set -u
@@ -83,24 +83,23 @@ for step in "$@"; do
     ws) run ws_tests 150 $PY -m pytest -q -m gpu tests/kernels/test_extend_attention.py -k "workspace or fa"
         run ws 150 $PY benchmarks/extend.py --variants --workspace-only --out "$RES/extend_ws.json" \
              --shapes B1_P16K_T512 B1_P4K_T2K B4_P8K_T256 B32_P8K_T16 ;;
-    defaults) run defaults_tests 150 $PY -m pytest -q -m gpu tests/kernels/test_extend_attention.py tests/engine/test_gpu_engine.py tests/kernels/test_decode_gluon.py -k "default or engine or words or wide"
+    defaults) run defaults_tests 150 $PY -m pytest -q -m gpu tests/kernels/test_extend_attention.py tests/engine/test_gpu_engine.py tests/kernels/test_decode_gluon.py -k "default or engine or words"
               run b1_launch 180 $PY benchmarks/b1_launch.py --out "$RES/b1_launch.json"
               run ws_words 130 env KVARN_DEQUANT_WORDS=1 $PY benchmarks/extend.py --variants --workspace-only \
                    --out "$RES/extend_ws_words.json" --shapes B1_P16K_T512 B1_P4K_T2K B4_P8K_T256 \
                    B8_P8K_T64 B8_P8K_T96 B8_P8K_T128 B8_P8K_T160 B8_P8K_T192
-              run ws_threshold 100 $PY benchmarks/extend.py --variants --workspace-only --out "$RES/extend_ws_threshold.json" \
+              run ws_threshold 100 env KVARN_DEQUANT_WORDS=0 $PY benchmarks/extend.py --variants --workspace-only --out "$RES/extend_ws_threshold.json" \
                    --shapes B8_P8K_T64 B8_P8K_T96 B8_P8K_T128 B8_P8K_T160 B8_P8K_T192
               run extend 100 $PY benchmarks/extend.py --out "$RES/extend.json" ;;
-    short) run wide_words_tests 90 $PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py tests/kernels/test_extend_attention.py -k "wide or words"
-          run b1_launch 150 $PY benchmarks/b1_launch.py --shapes B1_N32K --splits 128 256 \
-               --wide-shapes B1_N4K B1_N128K B16_N16K --out "$RES/b1_launch.json"
+    short) run words_tests 90 $PY -m pytest -q -m gpu tests/kernels/test_extend_attention.py -k "words"
+          run b1_launch 150 $PY benchmarks/b1_launch.py --shapes B1_N32K --splits 128 256 --out "$RES/b1_launch.json"
           run ws_words 80 env KVARN_DEQUANT_WORDS=1 $PY benchmarks/extend.py --variants --workspace-only \
                --out "$RES/extend_ws_words.json" --shapes B4_P8K_T256 B1_P16K_T512 B8_P8K_T64 B8_P8K_T128 ;;
     verify) run extend 60 $PY benchmarks/extend.py --out "$RES/extend.json"
             run ws_low 60 $PY benchmarks/extend.py --variants --workspace-only --out "$RES/extend_ws_low.json" \
                  --shapes B8_P8K_T32 B8_P8K_T64 B32_P8K_T16
             run engine_tests 100 $PY -m pytest -q -m gpu tests/engine/test_gpu_engine.py
-            run tests 420 bash -c "$PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py tests/kernels && $PY -m pytest -q tests/kernels/test_decode_parts.py" ;;
+            run extend_tests 360 $PY -m pytest -q -m gpu tests/kernels/test_extend_attention.py ;;
     bd) run bd 150 $PY benchmarks/decode_breakdown.py --out "$RES/breakdown.json" ;;
     pdl) run pdl_tests 300 $PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py tests/kernels/test_decode_attention.py
          run pdl 300 $PY benchmarks/pdl.py --out "$RES/pdl.json" ;;

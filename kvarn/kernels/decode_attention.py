@@ -1009,10 +1009,6 @@ GLUON_SIDE_STREAM = os.environ.get("KVARN_GLUON_SIDE_STREAM", "graph")
 # off: the record kernel alone 5-7% faster at B1 N32K, slower at N128K and D 64, and
 # under graph replay with the side stream 29% slower (NOTES.md attempt 31).
 GLUON_PAIR = os.environ.get("KVARN_GLUON_PAIR", "0") == "1"
-# decode_gluon.LAUNCH_WIDE where the wave rule ranks it cheaper (``gluon_launch``): small
-# batches at long context get splits of one record at a lower register cap, all in one
-# wave. KVARN_GLUON_WIDE=1; off until timed on a GPU (benchmarks/b1_launch.py, session 13).
-GLUON_WIDE = os.environ.get("KVARN_GLUON_WIDE", "0") == "1"
 # Programmatic dependent launch (NOTES.md attempt 38): on Hopper and later every kernel of
 # a decode call is launched with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION and
 # starts with griddepcontrol.wait / launch_dependents (``_grid_dependency_sync``), so a
@@ -1100,37 +1096,16 @@ def gluon_supported(q: torch.Tensor, cfg: KVarNConfig | None, qh: int) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _gluon_splits(programs: int, max_blocks: int, sms: int, programs_per_sm: int = 12,
-                  min_blocks: int = 2, max_splits: int = 128) -> tuple[int, int]:
+def _gluon_splits(programs: int, max_blocks: int, sms: int, programs_per_sm: int = 12) -> int:
     """The wave-count rule of ``_splits`` for the Gluon kernel's one-warp programs
-    (``programs_per_sm`` resident per SM, decode_gluon.LAUNCH), at least min_blocks
-    blocks per split and up to max_splits splits: (splits, cost in the rule's units)."""
+    (``programs_per_sm`` resident per SM, decode_gluon.LAUNCH), up to 128 splits."""
     slots = programs_per_sm * sms
     best, best_cost = 1, None
-    for s in range(1, max(1, min(triton.cdiv(max_blocks, min_blocks), max_splits)) + 1):
+    for s in range(1, max(1, min(triton.cdiv(max_blocks, 2), 128)) + 1):
         cost = triton.cdiv(programs * s, slots) * (triton.cdiv(max_blocks, s) + 1)
         if best_cost is None or cost < best_cost:
             best, best_cost = s, cost
-    return best, best_cost
-
-
-def gluon_launch(programs: int, max_blocks: int, sms: int, d: int, wide: bool | None = None) -> tuple:
-    """(splits, register cap, programs per SM) of the Gluon record kernel for programs
-    (sequences x KV heads) over at most max_blocks blocks: decode_gluon.LAUNCH's, or,
-    where ``GLUON_WIDE`` (wide None) allows and the wave rule ranks it cheaper,
-    LAUNCH_WIDE's lower cap with more programs per SM and splits of one block
-    (B1 N32K: 256 one-record splits in one wave of 16 programs per SM, where LAUNCH's
-    12 take 128 splits of two records)."""
-    from kvarn.kernels import decode_gluon
-    cap, per_sm, _ = decode_gluon.LAUNCH[d]
-    splits, cost = _gluon_splits(programs, max_blocks, sms, per_sm)
-    wide = GLUON_WIDE if wide is None else wide
-    if wide and d in decode_gluon.LAUNCH_WIDE:
-        cap_w, per_w, max_w = decode_gluon.LAUNCH_WIDE[d]
-        splits_w, cost_w = _gluon_splits(programs, max_blocks, sms, per_w, 1, max_w)
-        if cost_w < cost:
-            return splits_w, cap_w, per_w
-    return splits, cap, per_sm
+    return best
 
 
 def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, num_splits, out,
@@ -1167,11 +1142,8 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
     pair = (GLUON_PAIR if pair is None else bool(pair)) and d in decode_gluon.LAUNCH_PAIR
     if pair:
         (maxnreg0, per_sm), ahead0 = decode_gluon.LAUNCH_PAIR[d], 0
-        if num_splits is None:
-            num_splits = _gluon_splits(max(bsz * hkv, 1), block_tables.shape[1], _sm_count(q.device), per_sm)[0]
-    elif num_splits is None:
-        num_splits, maxnreg0, _ = gluon_launch(max(bsz * hkv, 1), block_tables.shape[1],
-                                               _sm_count(q.device), d)
+    if num_splits is None:
+        num_splits = _gluon_splits(max(bsz * hkv, 1), block_tables.shape[1], _sm_count(q.device), per_sm)
     num_splits = max(1, int(num_splits))
     if maxnreg is None:
         maxnreg = maxnreg0

@@ -82,11 +82,6 @@ LAUNCH = {64: (128, 16, 1), 128: (168, 12, 1), 256: (255, 8, 0)}
 # (4,448 instructions per two records against 2 x 2,319), D 64 168 without a spill. At
 # D 256 the pair spills at 255 registers, so it is not offered there.
 LAUNCH_PAIR = {64: (168, 12), 128: (255, 8)}
-# The wide launch (decode_attention.GLUON_WIDE, ``gluon_launch``): (register cap, programs
-# per SM, most splits), splits down to one record. D 128 at 128 registers: 9 spill stores
-# and loads per record in the loop (Triton 3.6 offline, benchmarks/gluon_sass.py), 16
-# programs per SM, so B1 N32K's 8 x 256 one-record programs fit one wave of 132 SMs.
-LAUNCH_WIDE = {128: (128, 16, 256)}
 
 MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
 A_L = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))

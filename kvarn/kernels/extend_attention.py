@@ -300,7 +300,8 @@ def _dequant_prefix_kernel(rec_ptr, bt_ptr, ctx_ptr, cu_ptr, ws_ptr,
         WORDS True   each word loaded once, coalesced, and expanded by shifts: K words
                      [DC channels, G bK / 32] -> codes [DC, G], transposed to
                      token-major; V words [SUB_T tokens, D bV / 32] -> codes [SUB_T, D]
-                     as they lie (session 12, attempt 45; not yet run on a GPU)"""
+                     as they lie (session 12, attempt 45; the default since session
+                     14, H100: B4 8K+256 0.647 -> 0.535 ms)"""
     i = tl.program_id(0) + 1
     kvh = tl.program_id(1)
     b = tl.program_id(2)
@@ -562,10 +563,15 @@ def use_workspace(cfg: KVarNConfig | None, programs_per_head: int, bsz: int, max
         WORDS off             0.407 -> 0.577, 0.781 -> 0.791, 0.795 -> 0.797,
                               1.162 -> 1.013, 1.179 -> 1.021: from 5
 
-    At one program the workspace only adds its write and read back (session 12, WORDS
-    off, B32 8K+16: 1.77 ms against 0.74)."""
+    At one program it is a toss-up (session 14, WORDS on: B8 8K+32 0.379 against 0.395,
+    B32 8K+16 1.00 against 0.76), so it stays off there.
+
+    Head dims up to 128 only: timed at 128, GPU-tested at 64 and 128. At 256 the fa
+    kernel over the workspace pipelines fp16 K / V tiles of 64 x 256, and at 128 rows
+    and 3 stages needs 256 KB of shared memory, more than an H100 has (227 KB; the GPU
+    test at that launch failed to compile in session 14 when this rule let D 256 in)."""
     least = WS_MIN_PROGRAMS if DEQUANT_WORDS else WS_MIN_PROGRAMS_NO_WORDS
-    return (cfg is not None and programs_per_head >= least
+    return (cfg is not None and d <= 128 and programs_per_head >= least
             and 4 * bsz * max_blocks * hkv * g * d <= WS_MAX_BYTES)
 
 

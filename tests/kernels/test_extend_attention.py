@@ -197,6 +197,8 @@ def test_extend_joint_and_workspace_rules(monkeypatch):
         assert not use_workspace(k4v2, least - 1, 1, 130, 8, 128, 128)
     monkeypatch.setattr(ext, "DEQUANT_WORDS", True)
     assert not use_workspace(None, 64, 1, 130, 8, 128, 128)                     # the fp16 cache
+    assert use_workspace(KVarNConfig.from_name("kvarn_k4v2_g64", 64), 64, 1, 130, 8, 64, 64)
+    assert not use_workspace(KVarNConfig.from_name("kvarn_k4v4_g128", 256), 64, 1, 130, 8, 128, 256)
     assert not use_workspace(k4v2, 64, 32, 65, 8, 128, 128)                     # 1.09 GB
 
 
