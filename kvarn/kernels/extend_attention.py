@@ -563,8 +563,8 @@ def use_workspace(cfg: KVarNConfig | None, programs_per_head: int, bsz: int, max
         WORDS off             0.407 -> 0.577, 0.781 -> 0.791, 0.795 -> 0.797,
                               1.162 -> 1.013, 1.179 -> 1.021: from 5
 
-    At one program it is a toss-up (session 14, WORDS on: B8 8K+32 0.379 against 0.395,
-    B32 8K+16 1.00 against 0.76), so it stays off there.
+    At one program it is a toss-up (session 14, WORDS on: B8 8K+32 0.378 against 0.395,
+    B32 8K+16 at 128 rows 1.00 against 0.76), so it stays off there.
 
     Head dims up to 128 only: timed at 128, GPU-tested at 64 and 128. At 256 the fa
     kernel over the workspace pipelines fp16 K / V tiles of 64 x 256, and at 128 rows
