@@ -72,9 +72,10 @@ EXTEND_WORKSPACE = os.environ.get("KVARN_EXTEND_WORKSPACE", "auto")
 # "1": wherever it applies; "0": never.
 EXTEND_REC_JOINT = os.environ.get("KVARN_EXTEND_REC_JOINT", "auto")
 # The workspace's dequant kernel expanding whole code words (``_dequant_prefix_kernel``
-# WORDS; NOTES.md attempt 45), on by default ("0" turns it off): H100, session 14
-# (results/extend_h100_s14_words.json), with the workspace B4 8K+256 0.647 -> 0.535 ms,
-# B1 16K+512 0.576 -> 0.527, B8 8K+160 1.014 -> 0.819.
+# WORDS; NOTES.md attempt 45), on by default ("0" turns it off): H100, session 14, the
+# default call with the workspace (results/extend_h100_s14_before.json / _threshold.json
+# without, _words.json with) B4 8K+256 0.647 -> 0.535 ms, B1 16K+512 0.576 -> 0.527,
+# B8 8K+160 1.014 -> 0.819.
 DEQUANT_WORDS = os.environ.get("KVARN_DEQUANT_WORDS", "1") == "1"
 
 
@@ -609,8 +610,8 @@ def extend_launch(max_q_len: int, qh: int, d: int, cfg: KVarNConfig | None, kern
         R >= 64    k4v2_g128 or the fp16 cache: "fa", 128 rows at 8 warps (64 rows at 4
                    where R is 64): the records dequantized once per program for 32
                    tokens x 4 heads, or once per KV head into the fp16 workspace where
-                   ``use_workspace`` says (hundreds of new tokens: 0.57-0.63 ms with it,
-                   0.78-1.30 without, the fp16 cache 0.48-0.57, SDPA 0.48-0.56)
+                   ``use_workspace`` says (hundreds of new tokens, session 14: 0.52-0.57 ms
+                   with it, 0.80-1.32 without, the fp16 cache 0.47-0.58, SDPA 0.41-0.55)
 
     Elsewhere (other presets, head dims 64 / 256) "auto" is the rows kernel at its
     earlier default launch (nothing else was timed there).
