@@ -31,6 +31,8 @@
 #   verify     session 14, after an extend default changed: extend.py at the defaults, the
 #              workspace on / off at 1-2 fa programs per record, the GPU engine tests, then
 #              the GPU extend tests (session 14: 67 of them took 270 s)  (60 + 60 + 100 + 360)
+#   ncu        session 15: ncu --set full with per-instruction stall sampling on the B1 N32K
+#              record kernel and the store kernel; reports and text in steps.tgz  (200 + 200)
 #   bd         decode_breakdown.py alone, default launches (the breakdown step's first run) (150)
 #   pdl        the GPU decode tests (test_decode_gluon.py, the PDL cases among them, and
 #              test_decode_attention.py), then pdl.py: graph replay and eager time with
@@ -100,9 +102,21 @@ for step in "$@"; do
                  --shapes B8_P8K_T32 B8_P8K_T64 B32_P8K_T16
             run engine_tests 100 $PY -m pytest -q -m gpu tests/engine/test_gpu_engine.py
             run extend_tests 360 $PY -m pytest -q -m gpu tests/kernels/test_extend_attention.py ;;
+    ncu) # session 15: Nsight Compute (full set, per-instruction stall sampling) on the B1 N32K
+         # Gluon record kernel and on the store kernel (8B shape, 16K tokens); L2 flushed
+         # before the profiled launch (ncu's default cache control), clocks left alone
+         for what in b1:--shape=B1_N32K:record_attention_kernel store:--shape=none\ --store:_store; do
+           IFS=: read -r tag pargs kname <<< "$what"
+           run ncu_$tag 200 bash -c "ncu --clock-control none --kernel-name regex:$kname --launch-skip 2 \
+               --launch-count 1 --set full --import-source yes -f -o '$RES/ncu_$tag' \
+               $PY benchmarks/profile_kernels.py $pargs \
+             && ncu -i '$RES/ncu_$tag.ncu-rep' --page details --print-details all > '$RES/ncu_${tag}_details.txt' 2>&1; \
+             ncu -i '$RES/ncu_$tag.ncu-rep' --page source --print-source sass --csv > '$RES/ncu_${tag}_sass.csv' 2>&1; \
+             ls -la '$RES'"
+         done ;;
     bd) run bd 150 $PY benchmarks/decode_breakdown.py --out "$RES/breakdown.json" ;;
     pdl) run pdl_tests 300 $PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py tests/kernels/test_decode_attention.py
          run pdl 300 $PY benchmarks/pdl.py --out "$RES/pdl.json" ;;
-    *) echo "unknown step $step (tests tests_rest kernels breakdown variants extend engine store pdl ws bd defaults short verify)"; exit 2 ;;
+    *) echo "unknown step $step (tests tests_rest kernels breakdown variants extend engine store pdl ws bd defaults short verify ncu)"; exit 2 ;;
   esac
 done
