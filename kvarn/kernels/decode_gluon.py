@@ -141,20 +141,49 @@ sub.f16x2 $6, $6, ka;
 fma.rn.f16x2 $7, $7, kb, kc;
 }""")
 
-def _v_unpack_asm(n_bytes: int) -> str:
+# RAW (session 15): the same fragments without the OR / subtract: masking the nibble in
+# place leaves an fp16 subnormal, x * 2^-24 (x = c for even tokens, 16 c for odd ones),
+# which the tensor cores multiply exactly; the per-token factor 2^24 (2^20) is applied to
+# the score rows after the MMA (``_scores``) and the codes enter uncentered (kz' = kz).
+# 8 instructions per word pair fewer than K_ASM.
+K_ASM_RAW = gl.constexpr("""{
+.reg .b32 t<4>;
+prmt.b32 t0, $8, $9, 0x4400;
+prmt.b32 t1, $8, $9, 0x5511;
+prmt.b32 t2, $8, $9, 0x6622;
+prmt.b32 t3, $8, $9, 0x7733;
+and.b32 $0, t0, 0x000F000F;
+and.b32 $1, t0, 0x00F000F0;
+and.b32 $2, t1, 0x000F000F;
+and.b32 $3, t1, 0x00F000F0;
+and.b32 $4, t2, 0x000F000F;
+and.b32 $5, t2, 0x00F000F0;
+and.b32 $6, t3, 0x000F000F;
+and.b32 $7, t3, 0x00F000F0;
+}""")
+
+
+def _v_unpack_asm(n_bytes: int, raw: bool = False) -> str:
     """PTX for the first n_bytes (4, or 2 at head_dim 64) bytes of two V words (tokens a,
     b; 2-bit codes) -> 4 n_bytes registers, each the fp16 pair (c - 2 of token a, of
     token b) for channel 4 * byte + position: PRMT pairs byte k of both words, the masks
     take one 2-bit field (x = c * 4^position), OR 0x6400 makes fp16 1024 + x, and one
-    FMA scales by 4^-position and subtracts 1024 / 4^position + 2."""
+    FMA scales by 4^-position and subtracts 1024 / 4^position + 2. raw: the masked field
+    alone, the fp16 subnormal x * 2^-24 (``_values`` applies 2^24 / 4^position per
+    channel row after the MMA; codes uncentered)."""
     n = 4 * n_bytes
+    sel = ("0x4400", "0x5511", "0x6622", "0x7733")
+    masks = ("0x00030003", "0x000C000C", "0x00300030", "0x00C000C0")
+    if raw:
+        lines = ["{", f".reg .b32 t<{n_bytes}>;"]
+        lines += [f"prmt.b32 t{k}, ${n}, ${n + 1}, {sel[k]};" for k in range(n_bytes)]
+        lines += [f"and.b32 ${4 * k + j}, t{k}, {masks[j]};" for k in range(n_bytes) for j in range(4)]
+        return "\n".join(lines + ["}"])
     lines = ["{", f".reg .b32 t<{n_bytes}>, s1, s4, s16, s64, c4, c16, c64, mg;",
              "mov.b32 mg, 0x64006400;", "mov.b32 s1, 0x64026402;", "mov.b32 s4, 0x34003400;",
              "mov.b32 s16, 0x2C002C00;", "mov.b32 s64, 0x24002400;", "mov.b32 c4, 0xDC08DC08;",
              "mov.b32 c16, 0xD420D420;", "mov.b32 c64, 0xCC80CC80;"]
-    sel = ("0x4400", "0x5511", "0x6622", "0x7733")
     lines += [f"prmt.b32 t{k}, ${n}, ${n + 1}, {sel[k]};" for k in range(n_bytes)]
-    masks = ("0x00030003", "0x000C000C", "0x00300030", "0x00C000C0")
     lines += [f"lop3.b32 ${4 * k + j}, t{k}, {masks[j]}, mg, 0xEA;" for k in range(n_bytes) for j in range(4)]
     for k in range(n_bytes):
         r = 4 * k
@@ -167,6 +196,12 @@ def _v_unpack_asm(n_bytes: int) -> str:
 # half-words (8 channels each) -> 8 registers
 V_ASM = gl.constexpr(_v_unpack_asm(4))
 V64_ASM = gl.constexpr(_v_unpack_asm(2))
+V_ASM_RAW = gl.constexpr(_v_unpack_asm(4, raw=True))
+V64_ASM_RAW = gl.constexpr(_v_unpack_asm(2, raw=True))
+# the RAW row factors: 2^24 for even tokens (low nibble), 2^20 for odd ones; V channel
+# position j in its byte (channel % 4): 2^24 / 4^j
+RAW_K_EVEN = gl.constexpr(16777216.0)
+RAW_K_ODD = gl.constexpr(1048576.0)
 
 
 @gluon.jit
@@ -200,13 +235,15 @@ def _rows(ptr, idx, N: gl.constexpr = 128):
 
 
 @gluon.jit
-def _k_chunk(kw_ptr, kidx):
-    """Codes of channels 16k .. 16k+15 of a record as the [128 r, 16] A fragment."""
+def _k_chunk(kw_ptr, kidx, RAW: gl.constexpr = False):
+    """Codes of channels 16k .. 16k+15 of a record as the [128 r, 16] A fragment
+    (RAW: the uncentered codes as subnormals, times 2^-24 / 2^-20 by token parity)."""
     wk = gl.load(kw_ptr + kidx)                                # [16 c16 * 16 w] flat
     wk = gl.permute(gl.reshape(wk, [8, 2, 16]), [0, 2, 1])     # [cp, w, e]  (c16 = 2 cp + e)
     wa, wb = gl.split(wk)
     o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
-        K_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [wa, wb], dtype=(gl.int32,) * 8, is_pure=True, pack=1)
+        K_ASM_RAW if RAW else K_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [wa, wb], dtype=(gl.int32,) * 8,
+        is_pure=True, pack=1)
     a = _j2(_j2(_j2(o0, o1), _j2(o2, o3)), _j2(_j2(o4, o5), _j2(o6, o7)))   # [cp, w, n0, n1, n2]
     a = gl.reshape(gl.permute(a, [0, 1, 4, 3, 2]), [8, 8, 16])  # [cp, g, j]  (token 8 w + n = 16 g + j)
     a = gl.reshape(gl.permute(a, [2, 1, 0]), [128, 8])          # [r = 8 j + g, cp]
@@ -215,12 +252,12 @@ def _k_chunk(kw_ptr, kidx):
 
 
 @gluon.jit
-def _v_chunk(vw_ptr, vidx):
+def _v_chunk(vw_ptr, vidx, RAW: gl.constexpr = False):
     """Codes of the 16 tokens of chunk k (u = 16k + 2q + e + 8f) as the [128 c, 16] A fragment."""
     wv = gl.reshape(gl.load(vw_ptr + vidx), [4, 2, 8, 2])      # [q, f, g, e]
     wa, wb = gl.split(wv)
     o = gl.inline_asm_elementwise(
-        V_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r,r", [wa, wb],
+        V_ASM_RAW if RAW else V_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r,r", [wa, wb],
         dtype=(gl.int32,) * 16, is_pure=True, pack=1)
     a = _j2(_j2(_j2(_j2(o[0], o[1]), _j2(o[2], o[3])), _j2(_j2(o[4], o[5]), _j2(o[6], o[7]))),
             _j2(_j2(_j2(o[8], o[9]), _j2(o[10], o[11])), _j2(_j2(o[12], o[13]), _j2(o[14], o[15]))))
@@ -231,13 +268,13 @@ def _v_chunk(vw_ptr, vidx):
 
 
 @gluon.jit
-def _v_chunk64(vw_ptr, vidx):
+def _v_chunk64(vw_ptr, vidx, RAW: gl.constexpr = False):
     """head_dim 64: the codes of the 16 tokens of chunk k as the [64 c, 16] A fragment
     (vw_ptr int16: a token's 8 half-words; row c is channel 8 (c % 8) + c // 8)."""
     wv = gl.reshape(gl.load(vw_ptr + vidx).to(gl.int32), [4, 2, 8, 2])   # [q, f, g, e]
     wa, wb = gl.split(wv)
     o = gl.inline_asm_elementwise(
-        V64_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [wa, wb], dtype=(gl.int32,) * 8, is_pure=True, pack=1)
+        V64_ASM_RAW if RAW else V64_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [wa, wb], dtype=(gl.int32,) * 8, is_pure=True, pack=1)
     a = _j2(_j2(_j2(o[0], o[1]), _j2(o[2], o[3])), _j2(_j2(o[4], o[5]), _j2(o[6], o[7])))
     # a [q, f, g, j0, j1, j2]: channel 8 g + j, j = j0 + 2 j1 + 4 j2
     a = gl.reshape(gl.permute(a, [5, 4, 3, 2, 1, 0]), [64, 8])   # [c = 8 j + g, up = 4 f + q]
@@ -264,14 +301,17 @@ def _p_chunk(t, K: gl.constexpr):
 
 
 @gluon.jit
-def _q_chunk(q_ptr, stride_qh, K: gl.constexpr, ks_ptr, kz_ptr, QH, qk_scale):
-    """(q * ks) of channels 16K .. 16K+15 as the B fragment, and sum_d q kz' over them."""
+def _q_chunk(q_ptr, stride_qh, K: gl.constexpr, ks_ptr, kz_ptr, QH, qk_scale, RAW: gl.constexpr = False):
+    """(q * ks) of channels 16K .. 16K+15 as the B fragment, and sum_d q kz' over them
+    (kz' = kz + 8 ks for centered codes, kz for RAW's uncentered ones)."""
     c = 16 * K + gl.arange(0, 16, layout=gl.SliceLayout(1, B_L))
     h = gl.arange(0, 8, layout=gl.SliceLayout(0, B_L))
     q = gl.load(q_ptr + h[None, :] * stride_qh + c[:, None], mask=(h < QH)[None, :], other=0.0)
     qf = q.to(gl.float32) * qk_scale
     ks = gl.load(ks_ptr + c).to(gl.float32)
-    kz = gl.load(kz_ptr + c).to(gl.float32) + 8.0 * ks
+    kz = gl.load(kz_ptr + c).to(gl.float32)
+    if not RAW:
+        kz = kz + 8.0 * ks
     return (qf * ks[:, None]).to(gl.float16), qf * kz[:, None]
 
 
@@ -294,16 +334,16 @@ def _prefetch_record_l2(rec, PF_ASM: gl.constexpr):
 
 
 @gluon.jit
-def _v_half(vw_ptr, vidx, t, D: gl.constexpr):
+def _v_half(vw_ptr, vidx, t, D: gl.constexpr, RAW: gl.constexpr = False):
     """o^T over one record for the 128 channels (64 at head_dim 64) that vidx addresses:
     Vc^T @ (p vs)^T in 8 chunks of 16 tokens."""
     o = gl.zeros([128 if D >= 128 else 64, 8], gl.float32, layout=MMA)
     for k in gl.static_range(8):
         # chunk k's tokens are vidx's + 2k: 2k tokens of D / 16 words (8 half-words at D 64)
         if D == 64:
-            o = mma_v2(_v_chunk64(vw_ptr + 2 * 8 * k, vidx), _p_chunk(t, k), o)
+            o = mma_v2(_v_chunk64(vw_ptr + 2 * 8 * k, vidx, RAW), _p_chunk(t, k), o)
         else:
-            o = mma_v2(_v_chunk(vw_ptr + 2 * (D // 16) * k, vidx), _p_chunk(t, k), o)
+            o = mma_v2(_v_chunk(vw_ptr + 2 * (D // 16) * k, vidx, RAW), _p_chunk(t, k), o)
     return o
 
 
@@ -320,31 +360,38 @@ def _store_partial(po_ptr, part, acc, l_safe, live, dead, C0: gl.constexpr, D: g
 
 @gluon.jit
 def _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D: gl.constexpr,
-            OFF_KC: gl.constexpr, OFF_KS: gl.constexpr, OFF_KZ: gl.constexpr, OFF_KT: gl.constexpr):
+            OFF_KC: gl.constexpr, OFF_KS: gl.constexpr, OFF_KZ: gl.constexpr, OFF_KT: gl.constexpr,
+            kf, RAW: gl.constexpr = False):
     """s^T [128 r, 8 h] of one record (log2 units): Kc @ (q ks)^T in D / 16 chunks of 16
-    channels, plus the per-head sum_d q kz', times k_tok per row."""
+    channels (RAW: times the row factors kf [128 r], undoing the subnormal scaling), plus
+    the per-head sum_d q kz', times k_tok per row."""
     rec16 = rec.to(gl.pointer_type(gl.float16))
     kw_ptr = (rec + OFF_KC).to(gl.pointer_type(gl.int32))
     s = gl.zeros([128, 8], gl.float32, layout=MMA)
     zq = gl.zeros([16, 8], gl.float32, layout=B_L)
     for k in gl.static_range(D // 16):
-        qk, zk = _q_chunk(q_base, stride_qh, k, rec16 + OFF_KS // 2, rec16 + OFF_KZ // 2, QH, qk_scale)
+        qk, zk = _q_chunk(q_base, stride_qh, k, rec16 + OFF_KS // 2, rec16 + OFF_KZ // 2, QH, qk_scale, RAW)
         zq = zq + zk
-        s = mma_v2(_k_chunk(kw_ptr + k * 256, kidx), qk, s)
+        s = mma_v2(_k_chunk(kw_ptr + k * 256, kidx, RAW), qk, s)
     zqh = gl.convert_layout(gl.sum(zq, axis=0), gl.SliceLayout(0, MMA))
     kt = _rows(rec16 + OFF_KT // 2, rflat)
+    if RAW:
+        s = s * kf[:, None]
     return (s + zqh[None, :]) * kt[:, None]
 
 
 @gluon.jit
 def _values(rec, p, vidx, rflat, cflat, D: gl.constexpr, OFF_VC: gl.constexpr, OFF_VCH: gl.constexpr,
-            OFF_VS: gl.constexpr, OFF_VZ: gl.constexpr):
+            OFF_VS: gl.constexpr, OFF_VZ: gl.constexpr, vf, RAW: gl.constexpr = False):
     """One record's (o^T + sum_t p vz') * v_chan for probabilities p [128 r, 8 h]: the
-    channels 0..127 (0..63 at D 64), and at D 256 also channels 128..255 (else zeros)."""
+    channels 0..127 (0..63 at D 64), and at D 256 also channels 128..255 (else zeros).
+    RAW: o^T times the channel-row factors vf [VN], and vz' = vz (uncentered codes)."""
     VN: gl.constexpr = 128 if D >= 128 else 64
     rec16 = rec.to(gl.pointer_type(gl.float16))
     vs = _rows(rec16 + OFF_VS // 2, rflat)
-    vz = _rows(rec16 + OFF_VZ // 2, rflat) + 2.0 * vs
+    vz = _rows(rec16 + OFF_VZ // 2, rflat)
+    if not RAW:
+        vz = vz + 2.0 * vs
     zv = gl.sum(p * vz[:, None], axis=0)
     pv = (p * vs[:, None]).to(gl.float16)                       # [128 r, 8 h]
     pp = _f16_to_pair(gl.reshape(pv, [128, 4, 2]))              # [128 r, 4 hp]
@@ -354,11 +401,15 @@ def _values(rec, p, vidx, rflat, cflat, D: gl.constexpr, OFF_VC: gl.constexpr, O
         vw_ptr = (rec + OFF_VC).to(gl.pointer_type(gl.int16))
     else:
         vw_ptr = (rec + OFF_VC).to(gl.pointer_type(gl.int32))
-    o = _v_half(vw_ptr, vidx, t, D)
+    o = _v_half(vw_ptr, vidx, t, D, RAW)
+    if RAW:
+        o = o * vf[:, None]
     vch = _rows(rec16 + OFF_VCH // 2, cflat, VN)
     c1 = (o + zv[None, :]) * vch[:, None]
     if D == 256:
-        o2 = _v_half(vw_ptr + 8, vidx, t, D)
+        o2 = _v_half(vw_ptr + 8, vidx, t, D, RAW)
+        if RAW:
+            o2 = o2 * vf[:, None]
         vch2 = _rows(rec16 + OFF_VCH // 2 + 128, cflat, VN)
         c2 = (o2 + zv[None, :]) * vch2[:, None]
     else:
@@ -375,7 +426,7 @@ def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, q
                             OFF_KC: gl.constexpr, OFF_KS: gl.constexpr, OFF_KZ: gl.constexpr,
                             OFF_KT: gl.constexpr, OFF_VC: gl.constexpr, OFF_VCH: gl.constexpr,
                             OFF_VS: gl.constexpr, OFF_VZ: gl.constexpr, PAIR: gl.constexpr = False,
-                            PDL: gl.constexpr = False):
+                            PDL: gl.constexpr = False, RAW: gl.constexpr = False):
     # D 64: one 64-row V accumulator (half-word V loads); 128: one 128-row; 256: two
     # 128-row halves (channels 0..127, 128..255), each the head_dim-128 V path
     VN: gl.constexpr = 128 if D >= 128 else 64
@@ -411,6 +462,13 @@ def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, q
     else:
         cflat = rflat
 
+    # RAW's row factors: score row r is token 16 (r % 8) + r // 8 (odd tokens' codes sit
+    # 4 bits up); o^T row c is a channel with c // 8 = channel (mod 8 at D 64, mod 16
+    # else), whose position in its V byte is (c // 8) % 4
+    r_s = gl.arange(0, 128, layout=gl.SliceLayout(1, MMA))
+    kf = gl.where((r_s // 8) % 2 == 0, RAW_K_EVEN, RAW_K_ODD)
+    c_v = gl.arange(0, VN, layout=gl.SliceLayout(1, MMA))
+    vf = gl.exp2(24.0 - 2.0 * ((c_v // 8) % 4).to(gl.float32))
     hh = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
     m = gl.full([8], -1.0e30, gl.float32, layout=gl.SliceLayout(0, MMA))
     l = gl.zeros([8], gl.float32, layout=gl.SliceLayout(0, MMA))
@@ -430,8 +488,8 @@ def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, q
             blk2 = gl.load(bt + gl.minimum(i + 1, r1 - 1)).to(gl.int64)
             rec = rec_head + blk * stride_rb
             rec2 = rec_head + blk2 * stride_rb
-            s = _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT)
-            s2 = _scores(rec2, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT)
+            s = _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT, kf, RAW)
+            s2 = _scores(rec2, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT, kf, RAW)
             s2 = s2 + gl.where(ok2, 0.0, float("-inf"))
             m_new = gl.maximum(m, gl.maximum(gl.max(s, axis=0), gl.max(s2, axis=0)))
             alpha = gl.exp2(m - m_new)
@@ -439,8 +497,8 @@ def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, q
             p2 = gl.exp2(s2 - m_new[None, :])
             l = l * alpha + gl.sum(p, axis=0) + gl.sum(p2, axis=0)
             m = m_new
-            c1, c2 = _values(rec, p, vidx, rflat, cflat, D, OFF_VC, OFF_VCH, OFF_VS, OFF_VZ)
-            d1, d2 = _values(rec2, p2, vidx, rflat, cflat, D, OFF_VC, OFF_VCH, OFF_VS, OFF_VZ)
+            c1, c2 = _values(rec, p, vidx, rflat, cflat, D, OFF_VC, OFF_VCH, OFF_VS, OFF_VZ, vf, RAW)
+            d1, d2 = _values(rec2, p2, vidx, rflat, cflat, D, OFF_VC, OFF_VCH, OFF_VS, OFF_VZ, vf, RAW)
             acc = acc * alpha[None, :] + (c1 + d1)
             if D == 256:
                 acc2 = acc2 * alpha[None, :] + (c2 + d2)
@@ -451,14 +509,14 @@ def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, q
                 nxt = gl.load(bt + gl.minimum(i + AHEAD, r1 - 1)).to(gl.int64)
                 _prefetch_record_l2(rec_head + nxt * stride_rb, PF_ASM)
             rec = rec_head + blk * stride_rb
-            s = _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT)
+            s = _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT, kf, RAW)
             # ---- online softmax (per warp: no cross-warp step)
             m_new = gl.maximum(m, gl.max(s, axis=0))
             alpha = gl.exp2(m - m_new)
             p = gl.exp2(s - m_new[None, :])
             l = l * alpha + gl.sum(p, axis=0)
             m = m_new
-            c1, c2 = _values(rec, p, vidx, rflat, cflat, D, OFF_VC, OFF_VCH, OFF_VS, OFF_VZ)
+            c1, c2 = _values(rec, p, vidx, rflat, cflat, D, OFF_VC, OFF_VCH, OFF_VS, OFF_VZ, vf, RAW)
             acc = acc * alpha[None, :] + c1
             if D == 256:
                 acc2 = acc2 * alpha[None, :] + c2

@@ -67,6 +67,50 @@ def test_gluon_decode_fp16_chunks(d, qh, lens, splits, monkeypatch):
     run_case("kvarn_k4v2_g128", d, qh, lens, splits, hkv=4, seed=17, kernel="gluon")
 
 
+# the code unpack with and without the fp16 magic number (GLUON_RAW, NOTES.md attempt 50:
+# subnormal codes into the MMA, rescaled per row after it), both ways whatever the
+# default; every head dim, the PAIR loop at D 128, odd and even tokens / all four V
+# channel positions (every length covers them)
+RAW_CASES = [
+    (128, 4, [1, 129, 257, 258, 4096, 16385], None, False),
+    (128, 8, [9999, 2000, 1, 640], 3, False),
+    (128, 1, [5000, 385], 1, True),
+    (64, 3, [1, 257, 4000, 16385], None, False),
+    (64, 3, [3000, 385], 5, True),
+    (256, 4, [1, 129, 257, 4000, 16385], None, False),
+    (256, 7, [3000, 300], 6, False),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("raw", [True, False])
+@pytest.mark.parametrize("d,qh,lens,splits,pair", RAW_CASES)
+def test_gluon_decode_raw_codes(d, qh, lens, splits, pair, raw, monkeypatch):
+    from kvarn.kernels import decode_attention
+    monkeypatch.setattr(decode_attention, "GLUON_RAW", raw)
+    monkeypatch.setattr(decode_attention, "GLUON_PAIR", pair)
+    run_case("kvarn_k4v2_g128", d, qh, lens, splits, hkv=3, seed=29, kernel="gluon")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gluon_raw_agrees_with_centered_codes(d, monkeypatch):
+    """The two unpacks compute the same sums in fp32 from the same fp16 operands; only the
+    order of the centering differs, so the outputs agree far inside the reference bound."""
+    from kvarn.kernels import decode_attention
+    cfg = KVarNConfig.from_name("kvarn_k4v2_g128", d)
+    lens = [1, 300, 4097, 20000]
+    kv, records, bt, ctx = build_paged_cache(cfg, lens, [1] * len(lens), 2, d, 128, seed=31)
+    q = torch.randn(len(lens), 8, d, generator=torch.Generator().manual_seed(32)).half().cuda()
+    outs = []
+    for raw in (False, True):
+        monkeypatch.setattr(decode_attention, "GLUON_RAW", raw)
+        outs.append(paged_decode_attention(q, kv, records, bt, ctx, cfg, kernel="gluon").float())
+    scale = outs[0].abs().max().item()
+    assert torch.isfinite(outs[1]).all()
+    assert (outs[1] - outs[0]).abs().max().item() <= 2e-3 * scale
+
+
 def _captured(lens, seed):
     """A k4v2_g128 D-128 cache of these lengths (4 KV heads, 16 query heads) and a CUDA
     graph of one kernel="gluon" decode call into out (run once before the capture)."""

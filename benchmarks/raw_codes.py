@@ -1,0 +1,61 @@
+"""The Gluon record kernel's code unpack with the fp16 magic number ("centered", the
+kernel since session 5) against the subnormal one ("raw", NOTES.md attempt 50), under
+CUDA-graph replay (kernels.py ``graph_latency``: distinct caches, L2 cold), both in the
+same graphs' run, each output checked against the other first.
+
+    python benchmarks/raw_codes.py [--shapes B1_N32K ...] [--out raw_codes.json]
+"""
+import argparse
+import json
+
+import torch
+
+from kernels import case_for, graph_latency, run_header   # this folder is sys.path[0]
+
+SHAPES = ["B1_N4K", "B1_N32K", "B1_N128K", "B16_N16K", "B64_N16K", "D64_B1_N32K", "D64_B64_N16K",
+          "D256_B16_N16K"]
+VARIANTS = {"centered": dict(kernel="gluon", raw=False), "raw": dict(kernel="gluon", raw=True)}
+
+
+def copies_for(label: str) -> int:
+    """Enough distinct caches that the graph's data is several times the L2, within memory."""
+    if label.startswith(("B1_", "D64_B1")):
+        return 8 if "128K" in label else 16
+    return 2
+
+
+def diff(label: str) -> float:
+    """max |raw - centered| / max |centered| on one cache."""
+    from kvarn.kernels.decode_attention import paged_decode_attention
+    case, cfg, _ = case_for(label, want=("kvarn",))
+    run = lambda raw: paged_decode_attention(case.q, case.kv, case.records, case.bt, case.lens, cfg,
+                                             kernel="gluon", raw=raw).float()
+    a, b = run(False), run(True)
+    out = ((b - a).abs().max() / a.abs().max()).item()
+    del case
+    torch.cuda.empty_cache()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="*", default=SHAPES)
+    ap.add_argument("--out", default="raw_codes.json")
+    args = ap.parse_args()
+    res = {**run_header(), "rows": []}
+    for label in args.shapes:
+        d = diff(label)
+        g = graph_latency(label, copies=copies_for(label), variants=VARIANTS)
+        row = {"shape": label, "copies": copies_for(label), "rel_max_diff_raw_vs_centered": d,
+               "default": g["kvarn"]["ms_median"], "sdpa": g["sdpa"]["ms_median"],
+               "centered": g["kvarn_centered"]["ms_median"], "raw": g["kvarn_raw"]["ms_median"],
+               "timings": g}
+        res["rows"].append(row)
+        json.dump(res, open(args.out, "w"), indent=1)
+        print(f"{label}: centered {row['centered']:.4f} ms, raw {row['raw']:.4f} "
+              f"({row['centered'] / row['raw']:.3f}x), default {row['default']:.4f}, sdpa {row['sdpa']:.4f}, "
+              f"raw vs sdpa {row['sdpa'] / row['raw']:.2f}x faster; diff {d:.2e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
