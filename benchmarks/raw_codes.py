@@ -1,5 +1,6 @@
 """The Gluon record kernel's code unpack with the fp16 magic number ("centered", the
-kernel since session 5) against the subnormal one ("raw", NOTES.md attempt 50), under
+kernel since session 5) against the subnormal one ("raw", NOTES.md attempt 50), with
+and without the K words in one batch of loads ("kall", attempt 51), under
 CUDA-graph replay (kernels.py ``graph_latency``: distinct caches, L2 cold), both in the
 same graphs' run, each output checked against the other first.
 
@@ -14,7 +15,12 @@ from kernels import case_for, graph_latency, run_header   # this folder is sys.p
 
 SHAPES = ["B1_N4K", "B1_N32K", "B1_N128K", "B16_N16K", "B64_N16K", "D64_B1_N32K", "D64_B64_N16K",
           "D256_B16_N16K"]
-VARIANTS = {"centered": dict(kernel="gluon", raw=False), "raw": dict(kernel="gluon", raw=True)}
+VARIANTS = {"centered": dict(kernel="gluon", raw=False), "raw": dict(kernel="gluon", raw=True),
+            # attempt 51 (head_dim 128 only): a record's K words in one batch of loads
+            "raw_kall": dict(kernel="gluon", raw=True, kall=True),
+            "kall": dict(kernel="gluon", raw=False, kall=True),
+            # offline the raw loop needs 181 registers uncapped against LAUNCH's cap of 168
+            "raw_cap0": dict(kernel="gluon", raw=True, maxnreg=0)}
 
 
 def copies_for(label: str) -> int:
@@ -48,13 +54,13 @@ def main():
         g = graph_latency(label, copies=copies_for(label), variants=VARIANTS)
         row = {"shape": label, "copies": copies_for(label), "rel_max_diff_raw_vs_centered": d,
                "default": g["kvarn"]["ms_median"], "sdpa": g["sdpa"]["ms_median"],
-               "centered": g["kvarn_centered"]["ms_median"], "raw": g["kvarn_raw"]["ms_median"],
-               "timings": g}
+               **{k: g["kvarn_" + k]["ms_median"] for k in VARIANTS}, "timings": g}
         res["rows"].append(row)
         json.dump(res, open(args.out, "w"), indent=1)
         print(f"{label}: centered {row['centered']:.4f} ms, raw {row['raw']:.4f} "
               f"({row['centered'] / row['raw']:.3f}x), default {row['default']:.4f}, sdpa {row['sdpa']:.4f}, "
-              f"raw vs sdpa {row['sdpa'] / row['raw']:.2f}x faster; diff {d:.2e}", flush=True)
+              f"raw vs sdpa {row['sdpa'] / row['raw']:.2f}x faster; diff {d:.2e}; "
+              + ", ".join(f"{k} {row[k]:.4f}" for k in VARIANTS if k not in ("raw", "centered")), flush=True)
 
 
 if __name__ == "__main__":

@@ -879,7 +879,7 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
                            rec_sub: int | None = None, maxnreg: int | None = None,
                            rec_deq: bool = True, rec_joint: bool | None = None,
                            prefetch: str | None = "auto", kernel: str = "auto",
-                           pdl=None, raw: bool | None = None) -> torch.Tensor:
+                           pdl=None, raw: bool | None = None, kall: bool | None = None) -> torch.Tensor:
     """Decode attention: q [B, Hq, D] (cache frame) -> [B, Hq, D], ``ref_paged_decode_attention`` semantics.
 
     cfg None (records None) reads an fp16 (or bf16) cache with the same kernel.
@@ -905,7 +905,8 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
     ``GLUON_AUTO_DIMS``, no Triton-kernel knob is given and the batch holds at least
     ``GLUON_MIN_RECORDS`` records, else "triton".
     pdl: programmatic dependent launch of the call's kernels (None: ``PDL``; see ``pdl_on``).
-    raw: the Gluon kernel's code unpack (None: ``GLUON_RAW``); the Triton kernel ignores it.
+    raw: the Gluon kernel's code unpack (None: ``GLUON_RAW``); kall: its K words loaded in
+    one batch per record (None: ``GLUON_KALL``; head_dim 128); the Triton kernel ignores both.
     """
     hkv, g, d = check_paged_args(q, kv_fp16, records, block_tables, context_lens, cfg, 3)
     bsz, hq, _ = q.shape
@@ -935,7 +936,7 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
     pdl = pdl_on(q.device, pdl)
     if kernel == "gluon":
         return _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, num_splits, out,
-                             prefetch, maxnreg, pdl=pdl, raw=raw)
+                             prefetch, maxnreg, pdl=pdl, raw=raw, kall=kall)
     warps0, maxnreg0, rec_sub0, slots0 = default_launch(cfg, g, d)
     if num_splits is None:
         num_splits = default_num_splits(bsz, hkv, block_tables.shape[1], q.device,
@@ -1024,6 +1025,10 @@ PDL = os.environ.get("KVARN_PDL", "1")
 # multiply exactly, rescaled per score / output row after the MMA. Offline (Triton 3.6,
 # sm_90a) the D 128 record loop is 1,900 instructions instead of 2,319. KVARN_GLUON_RAW=1 on.
 GLUON_RAW = os.environ.get("KVARN_GLUON_RAW", "0") == "1"
+# Its K words of a record in one batch of loads before the score MMAs (head_dim 128;
+# NOTES.md attempt 51): offline 56 loads ahead of the first MMA instead of about 30.
+# KVARN_GLUON_KALL=1 on.
+GLUON_KALL = os.environ.get("KVARN_GLUON_KALL", "0") == "1"
 _CAPABILITY: dict = {}
 
 
@@ -1116,7 +1121,7 @@ def _gluon_splits(programs: int, max_blocks: int, sms: int, programs_per_sm: int
 
 def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, num_splits, out,
                   prefetch="auto", maxnreg=None, fp16_chunks=None, side_stream=None, pair=None, pdl=False,
-                  raw=None):
+                  raw=None, kall=None):
     """Records by the Gluon kernel (num_splits programs of one warp per sequence and KV
     head, one partial each), the sink and tail blocks, then a merge of the partials.
 
@@ -1135,7 +1140,8 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
     iteration, at decode_gluon.LAUNCH_PAIR's register cap and without the L2 prefetch.
     pdl: every kernel on the caller's stream launched with programmatic dependent launch
     (the fp16 part on the side stream, which starts after an event wait, without). raw
-    (None: ``GLUON_RAW``): the subnormal code unpack."""
+    (None: ``GLUON_RAW``): the subnormal code unpack. kall (None: ``GLUON_KALL``; head_dim
+    128 only, elsewhere ignored): a record's K words in one batch of loads."""
     aheads = {"l2": 1, "l2x2": 2, None: 0}
     if prefetch != "auto" and prefetch not in aheads:
         raise ValueError(f"kernel='gluon' takes prefetch 'auto', 'l2', 'l2x2' or None, got {prefetch!r}")
@@ -1185,7 +1191,9 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
         QH=qh, G=g, D=d, AHEAD=ahead, PF_ASM=decode_gluon.prefetch_asm(rec_bytes) if ahead else "",
         OFF_KC=o["k_codes"], OFF_KS=o["k_scale"], OFF_KZ=o["k_zero"], OFF_KT=o["k_tok"],
         OFF_VC=o["v_codes"], OFF_VCH=o["v_chan"], OFF_VS=o["v_scale"], OFF_VZ=o["v_zero"], PAIR=pair,
-        PDL=pdl, RAW=GLUON_RAW if raw is None else bool(raw), num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}), **_pdl_kw(pdl))
+        PDL=pdl, RAW=GLUON_RAW if raw is None else bool(raw),
+        KALL=(GLUON_KALL if kall is None else bool(kall)) and d == 128, num_warps=1,
+        **({"maxnreg": maxnreg} if maxnreg else {}), **_pdl_kw(pdl))
     if side:
         main.wait_stream(stream)
     else:

@@ -89,6 +89,10 @@ B_L = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))
 # K words of one 16-channel chunk, [16 c16, 16 w] flat: channel c16 = 2q + e + 8f, word w = 2g + wsel
 KW_L = gl.constexpr(_flat_layout([16, 16], reg=[(1, 1), (0, 1), (0, 8)],
                                  lane=[(0, 2), (0, 4), (1, 2), (1, 4), (1, 8)]))
+# all 8 chunks of a head_dim-128 record's K words at once (KALL), [8 chunk, 16 c16, 16 w]
+# flat: KW_L with the chunk in three more register bits
+KALL_L = gl.constexpr(_flat_layout([8, 16, 16], reg=[(2, 1), (1, 1), (1, 8), (0, 1), (0, 2), (0, 4)],
+                                   lane=[(1, 2), (1, 4), (2, 2), (2, 4), (2, 8)]))
 # V words of one 16-token chunk, [4 q, 2 f, 8 g, 2 e] flat: token 32q + 16e + 2k + f, word g
 VW_L = gl.constexpr(_flat_layout([4, 2, 8, 2], reg=[(3, 1), (1, 1)],
                                  lane=[(0, 1), (0, 2), (2, 1), (2, 2), (2, 4)]))
@@ -238,7 +242,26 @@ def _rows(ptr, idx, N: gl.constexpr = 128):
 def _k_chunk(kw_ptr, kidx, RAW: gl.constexpr = False):
     """Codes of channels 16k .. 16k+15 of a record as the [128 r, 16] A fragment
     (RAW: the uncentered codes as subnormals, times 2^-24 / 2^-20 by token parity)."""
-    wk = gl.load(kw_ptr + kidx)                                # [16 c16 * 16 w] flat
+    return _k_frag(gl.load(kw_ptr + kidx), RAW)                # [16 c16 * 16 w] flat
+
+
+@gluon.jit
+def _k_pick(kw_all, K: gl.constexpr):
+    """Chunk K's 256 words (KW_L) of a record's K words loaded at once ([8 chunk * 256]
+    flat, KALL_L; head_dim 128): no data moves, the chunk bits are registers."""
+    x = gl.permute(gl.reshape(kw_all, [2, 2, 2, 256]), [3, 0, 1, 2])   # [w, b2, b1, b0]
+    x0, x1 = gl.split(x)
+    x = x1 if (K % 2) == 1 else x0
+    x0, x1 = gl.split(x)
+    x = x1 if ((K // 2) % 2) == 1 else x0
+    x0, x1 = gl.split(x)
+    x = x1 if (K // 4) == 1 else x0
+    return gl.convert_layout(x, KW_L, assert_trivial=True)
+
+
+@gluon.jit
+def _k_frag(wk, RAW: gl.constexpr = False):
+    """[256] K words of one 16-channel chunk (KW_L) -> the [128 r, 16] A fragment."""
     wk = gl.permute(gl.reshape(wk, [8, 2, 16]), [0, 2, 1])     # [cp, w, e]  (c16 = 2 cp + e)
     wa, wb = gl.split(wk)
     o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
@@ -361,7 +384,7 @@ def _store_partial(po_ptr, part, acc, l_safe, live, dead, C0: gl.constexpr, D: g
 @gluon.jit
 def _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D: gl.constexpr,
             OFF_KC: gl.constexpr, OFF_KS: gl.constexpr, OFF_KZ: gl.constexpr, OFF_KT: gl.constexpr,
-            kf, RAW: gl.constexpr = False):
+            kf, RAW: gl.constexpr = False, KALL: gl.constexpr = False, kall_idx=None):
     """s^T [128 r, 8 h] of one record (log2 units): Kc @ (q ks)^T in D / 16 chunks of 16
     channels (RAW: times the row factors kf [128 r], undoing the subnormal scaling), plus
     the per-head sum_d q kz', times k_tok per row."""
@@ -369,10 +392,15 @@ def _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D: gl.constexpr,
     kw_ptr = (rec + OFF_KC).to(gl.pointer_type(gl.int32))
     s = gl.zeros([128, 8], gl.float32, layout=MMA)
     zq = gl.zeros([16, 8], gl.float32, layout=B_L)
+    if KALL:
+        kw_all = gl.load(kw_ptr + kall_idx)                      # every K word, one batch of loads
     for k in gl.static_range(D // 16):
         qk, zk = _q_chunk(q_base, stride_qh, k, rec16 + OFF_KS // 2, rec16 + OFF_KZ // 2, QH, qk_scale, RAW)
         zq = zq + zk
-        s = mma_v2(_k_chunk(kw_ptr + k * 256, kidx, RAW), qk, s)
+        if KALL:
+            s = mma_v2(_k_frag(_k_pick(kw_all, k), RAW), qk, s)
+        else:
+            s = mma_v2(_k_chunk(kw_ptr + k * 256, kidx, RAW), qk, s)
     zqh = gl.convert_layout(gl.sum(zq, axis=0), gl.SliceLayout(0, MMA))
     kt = _rows(rec16 + OFF_KT // 2, rflat)
     if RAW:
@@ -426,7 +454,8 @@ def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, q
                             OFF_KC: gl.constexpr, OFF_KS: gl.constexpr, OFF_KZ: gl.constexpr,
                             OFF_KT: gl.constexpr, OFF_VC: gl.constexpr, OFF_VCH: gl.constexpr,
                             OFF_VS: gl.constexpr, OFF_VZ: gl.constexpr, PAIR: gl.constexpr = False,
-                            PDL: gl.constexpr = False, RAW: gl.constexpr = False):
+                            PDL: gl.constexpr = False, RAW: gl.constexpr = False,
+                            KALL: gl.constexpr = False):
     # D 64: one 64-row V accumulator (half-word V loads); 128: one 128-row; 256: two
     # 128-row halves (channels 0..127, 128..255), each the head_dim-128 V path
     VN: gl.constexpr = 128 if D >= 128 else 64
@@ -448,6 +477,10 @@ def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, q
 
     # loop-invariant index tensors
     kidx = gl.arange(0, 256, layout=KW_L)                      # [c16, w]: word c16 * 16 + w of the chunk
+    if KALL:
+        kall_idx = gl.arange(0, 2048, layout=KALL_L)           # [chunk, c16, w] (D 128)
+    else:
+        kall_idx = kidx
     vflat = gl.arange(0, 128, layout=VW_L)                     # [q, f, g, e]
     vq = vflat // 32
     vf = (vflat // 16) % 2
@@ -488,8 +521,8 @@ def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, q
             blk2 = gl.load(bt + gl.minimum(i + 1, r1 - 1)).to(gl.int64)
             rec = rec_head + blk * stride_rb
             rec2 = rec_head + blk2 * stride_rb
-            s = _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT, kf, RAW)
-            s2 = _scores(rec2, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT, kf, RAW)
+            s = _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT, kf, RAW, KALL, kall_idx)
+            s2 = _scores(rec2, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT, kf, RAW, KALL, kall_idx)
             s2 = s2 + gl.where(ok2, 0.0, float("-inf"))
             m_new = gl.maximum(m, gl.maximum(gl.max(s, axis=0), gl.max(s2, axis=0)))
             alpha = gl.exp2(m - m_new)
@@ -509,7 +542,7 @@ def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, q
                 nxt = gl.load(bt + gl.minimum(i + AHEAD, r1 - 1)).to(gl.int64)
                 _prefetch_record_l2(rec_head + nxt * stride_rb, PF_ASM)
             rec = rec_head + blk * stride_rb
-            s = _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT, kf, RAW)
+            s = _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT, kf, RAW, KALL, kall_idx)
             # ---- online softmax (per warp: no cross-warp step)
             m_new = gl.maximum(m, gl.max(s, axis=0))
             alpha = gl.exp2(m - m_new)

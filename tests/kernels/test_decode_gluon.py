@@ -92,6 +92,18 @@ def test_gluon_decode_raw_codes(d, qh, lens, splits, pair, raw, monkeypatch):
     run_case("kvarn_k4v2_g128", d, qh, lens, splits, hkv=3, seed=29, kernel="gluon")
 
 
+# a record's K words in one batch of loads (GLUON_KALL, attempt 51; head_dim 128 only)
+@pytest.mark.gpu
+@pytest.mark.parametrize("raw", [True, False])
+@pytest.mark.parametrize("d,qh,lens,splits,pair", [c for c in RAW_CASES if c[0] == 128])
+def test_gluon_decode_raw_kall(d, qh, lens, splits, pair, raw, monkeypatch):
+    from kvarn.kernels import decode_attention
+    monkeypatch.setattr(decode_attention, "GLUON_RAW", raw)
+    monkeypatch.setattr(decode_attention, "GLUON_KALL", True)
+    monkeypatch.setattr(decode_attention, "GLUON_PAIR", pair)
+    run_case("kvarn_k4v2_g128", d, qh, lens, splits, hkv=3, seed=37, kernel="gluon")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_gluon_raw_agrees_with_centered_codes(d, monkeypatch):
