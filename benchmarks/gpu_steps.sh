@@ -35,6 +35,8 @@
 #              record kernel and the store kernel; reports and text in steps.tgz  (200 + 200)
 #   raw        session 15: the GPU tests of the subnormal code unpack (GLUON_RAW, NOTES.md
 #              attempt 50), then raw_codes.py (centered vs raw, graph replay)   (200 + 240)
+#   s15        session 15's call: the raw and kall GPU tests, raw_codes.py at 7 shapes, ncu of
+#              the B1 N32K record kernel                                    (170 + 220 + 150)
 #   bd         decode_breakdown.py alone, default launches (the breakdown step's first run) (150)
 #   pdl        the GPU decode tests (test_decode_gluon.py, the PDL cases among them, and
 #              test_decode_attention.py), then pdl.py: graph replay and eager time with
@@ -104,6 +106,15 @@ for step in "$@"; do
                  --shapes B8_P8K_T32 B8_P8K_T64 B32_P8K_T16
             run engine_tests 100 $PY -m pytest -q -m gpu tests/engine/test_gpu_engine.py
             run extend_tests 360 $PY -m pytest -q -m gpu tests/kernels/test_extend_attention.py ;;
+    s15) # session 15 in one call: raw / kall tests, raw_codes.py, the B1 record kernel under ncu
+         run raw_tests 170 $PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py -k "raw"
+         run raw_codes 220 $PY benchmarks/raw_codes.py --out "$RES/raw_codes.json" \
+              --shapes B1_N32K B1_N4K B1_N128K B16_N16K B64_N16K D64_B1_N32K D256_B16_N16K
+         run ncu_b1 150 bash -c "ncu --clock-control none --kernel-name regex:record_attention_kernel --launch-skip 2 \
+               --launch-count 1 --set full --import-source yes -f -o '$RES/ncu_b1' \
+               $PY benchmarks/profile_kernels.py --shape B1_N32K \
+             && ncu -i '$RES/ncu_b1.ncu-rep' --page details --print-details all > '$RES/ncu_b1_details.txt' 2>&1; \
+             ncu -i '$RES/ncu_b1.ncu-rep' --page source --print-source sass --csv > '$RES/ncu_b1_sass.csv' 2>&1; ls -la '$RES'" ;;
     ncu) # session 15: Nsight Compute (full set, per-instruction stall sampling) on the B1 N32K
          # Gluon record kernel and on the store kernel (8B shape, 16K tokens); L2 flushed
          # before the profiled launch (ncu's default cache control), clocks left alone
@@ -121,6 +132,6 @@ for step in "$@"; do
     bd) run bd 150 $PY benchmarks/decode_breakdown.py --out "$RES/breakdown.json" ;;
     pdl) run pdl_tests 300 $PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py tests/kernels/test_decode_attention.py
          run pdl 300 $PY benchmarks/pdl.py --out "$RES/pdl.json" ;;
-    *) echo "unknown step $step (tests tests_rest kernels breakdown variants extend engine store pdl ws bd defaults short verify ncu raw)"; exit 2 ;;
+    *) echo "unknown step $step (tests tests_rest kernels breakdown variants extend engine store pdl ws bd defaults short verify ncu raw s15)"; exit 2 ;;
   esac
 done
