@@ -32,13 +32,14 @@ def _load(path, name):
 
 
 def compile_record_kernel(m, qh: int, d: int = 128, maxnreg: int = 168, ahead: int = 1, hints: bool = False,
-                          pair: bool = False, raw: bool = False, kall: bool = False):
+                          pair: bool = False, raw: bool = False, kall: bool = False,
+                          qmma: bool = False):
     """``m.record_attention_kernel`` (m: a loaded decode_gluon module) compiled for
     sm_90a at QH = qh, head_dim d. hints=True adds the 16-divisibility the JIT gives
     pointers and the q / record strides at run time (without it loads do not vectorize,
     which changes the instruction count). pair: two records per loop iteration (session 8).
     raw: the subnormal code unpack (session 15, NOTES.md attempt 50); kall: a record's K
-    words loaded in one batch (attempt 51)."""
+    words loaded in one batch (attempt 51); qmma: q hoisted and sum q kz by MMA (attempt 52)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -59,6 +60,8 @@ def compile_record_kernel(m, qh: int, d: int = 128, maxnreg: int = 168, ahead: i
         const.update(RAW=raw, PDL=False)
     if "KALL" in names:
         const.update(KALL=kall)
+    if "QMMA" in names:
+        const.update(QMMA=qmma)
     ptrs = {"q_ptr": "*fp16", "rec_ptr": "*u8", "bt_ptr": "*i32", "ctx_ptr": "*i32", "po_ptr": "*fp32",
             "plse_ptr": "*fp32"}
     aligned = set(ptrs) | {"stride_qb", "stride_qh", "stride_rb", "stride_rh"}

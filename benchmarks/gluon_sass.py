@@ -4,7 +4,7 @@ disassembled with the cuobjdump Triton ships. Prints the register count, whether
 local-memory spill remains, and the record loop's instruction count and mix (the loop
 is the longest backward branch).
 
-    python benchmarks/gluon_sass.py [--d 128] [--qh 4] [--maxnreg N] [--ahead K] [--pair] [--raw] [--kall]
+    python benchmarks/gluon_sass.py [--d 128] [--qh 4] [--maxnreg N] [--ahead K] [--pair] [--raw] [--kall] [--qmma]
 
 Defaults are decode_gluon.LAUNCH's (LAUNCH_PAIR's with --pair) for the head dim (session 8: D 128 at 168 registers,
 2,319 instructions per record, 60% of them the unpack's LOP3 / HADD2 / HFMA2 / PRMT).
@@ -63,6 +63,7 @@ def main():
     ap.add_argument("--pair", action="store_true", help="two records per loop iteration")
     ap.add_argument("--raw", action="store_true", help="the subnormal code unpack (NOTES.md attempt 50)")
     ap.add_argument("--kall", action="store_true", help="a record's K words in one batch of loads (attempt 51)")
+    ap.add_argument("--qmma", action="store_true", help="q hoisted, sum q kz by MMA (attempt 52; with --raw)")
     args = ap.parse_args()
     import triton
     m = _load(os.path.join(ROOT, REL), "decode_gluon_sass")
@@ -72,12 +73,12 @@ def main():
     maxnreg = args.maxnreg if args.maxnreg is not None else maxnreg
     ahead = args.ahead if args.ahead is not None else ahead
     k = compile_record_kernel(m, args.qh, args.d, maxnreg, ahead, hints=True, pair=args.pair, raw=args.raw,
-                              kall=args.kall)
+                              kall=args.kall, qmma=args.qmma)
     sass, res = disassemble(k)
     regs = re.findall(r"REG:(\d+)", res)
     ops = loop_ops(sass)
     mix = collections.Counter(ops)
-    print(f"triton {triton.__version__}, D={args.d} QH={args.qh} maxnreg={maxnreg} ahead={ahead} pair={args.pair} raw={args.raw} kall={args.kall}: "
+    print(f"triton {triton.__version__}, D={args.d} QH={args.qh} maxnreg={maxnreg} ahead={ahead} pair={args.pair} raw={args.raw} kall={args.kall} qmma={args.qmma}: "
           f"registers {regs[0] if regs else '?'}, spill instructions anywhere {sass.count('STL')}")
     print(f"record loop: {len(ops)} instructions, STL {mix['STL']} LDL {mix['LDL']}")
     print("mix: " + ", ".join(f"{op} {n}" for op, n in mix.most_common(16)))

@@ -35,8 +35,8 @@
 #              record kernel and the store kernel; reports and text in steps.tgz  (200 + 200)
 #   raw        session 15: the GPU tests of the subnormal code unpack (GLUON_RAW, NOTES.md
 #              attempt 50), then raw_codes.py (centered vs raw, graph replay)   (200 + 240)
-#   s15        session 15's call: the raw and kall GPU tests, raw_codes.py at 7 shapes, ncu of
-#              the B1 N32K record kernel                                    (170 + 220 + 150)
+#   s15        session 15's call: raw_codes.py at 6 shapes, the raw / kall / qmma GPU tests, ncu
+#              of the B1 N32K record kernel                                 (200 + 240 + 120)
 #   bd         decode_breakdown.py alone, default launches (the breakdown step's first run) (150)
 #   pdl        the GPU decode tests (test_decode_gluon.py, the PDL cases among them, and
 #              test_decode_attention.py), then pdl.py: graph replay and eager time with
@@ -107,10 +107,10 @@ for step in "$@"; do
             run engine_tests 100 $PY -m pytest -q -m gpu tests/engine/test_gpu_engine.py
             run extend_tests 360 $PY -m pytest -q -m gpu tests/kernels/test_extend_attention.py ;;
     s15) # session 15 in one call: raw / kall tests, raw_codes.py, the B1 record kernel under ncu
-         run raw_tests 170 $PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py -k "raw"
-         run raw_codes 220 $PY benchmarks/raw_codes.py --out "$RES/raw_codes.json" \
-              --shapes B1_N32K B1_N4K B1_N128K B16_N16K B64_N16K D64_B1_N32K D256_B16_N16K
-         run ncu_b1 150 bash -c "ncu --clock-control none --kernel-name regex:record_attention_kernel --launch-skip 2 \
+         run raw_codes 200 $PY benchmarks/raw_codes.py --out "$RES/raw_codes.json" \
+              --shapes B1_N32K B1_N4K B1_N128K B64_N16K D64_B1_N32K D256_B16_N16K
+         run raw_tests 240 $PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py -k "raw"
+         run ncu_b1 120 bash -c "ncu --clock-control none --kernel-name regex:record_attention_kernel --launch-skip 2 \
                --launch-count 1 --set full --import-source yes -f -o '$RES/ncu_b1' \
                $PY benchmarks/profile_kernels.py --shape B1_N32K \
              && ncu -i '$RES/ncu_b1.ncu-rep' --page details --print-details all > '$RES/ncu_b1_details.txt' 2>&1; \

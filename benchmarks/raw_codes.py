@@ -1,6 +1,7 @@
 """The Gluon record kernel's code unpack with the fp16 magic number ("centered", the
 kernel since session 5) against the subnormal one ("raw", NOTES.md attempt 50), with
-and without the K words in one batch of loads ("kall", attempt 51), under
+and without the K words in one batch of loads ("kall", attempt 51) and the hoisted q
+with sum q kz by MMA ("qmma", attempt 52), under
 CUDA-graph replay (kernels.py ``graph_latency``: distinct caches, L2 cold), both in the
 same graphs' run, each output checked against the other first.
 
@@ -19,8 +20,11 @@ VARIANTS = {"centered": dict(kernel="gluon", raw=False), "raw": dict(kernel="glu
             # attempt 51 (head_dim 128 only): a record's K words in one batch of loads
             "raw_kall": dict(kernel="gluon", raw=True, kall=True),
             "kall": dict(kernel="gluon", raw=False, kall=True),
+            # attempt 52: q hoisted, sum q kz by MMA (with raw)
+            "raw_qmma": dict(kernel="gluon", raw=True, qmma=True),
+            "raw_qmma_kall": dict(kernel="gluon", raw=True, qmma=True, kall=True),
             # offline the raw loop needs 181 registers uncapped against LAUNCH's cap of 168
-            "raw_cap0": dict(kernel="gluon", raw=True, maxnreg=0)}
+            "raw_qmma_cap0": dict(kernel="gluon", raw=True, qmma=True, maxnreg=0)}
 
 
 def copies_for(label: str) -> int:

@@ -879,7 +879,8 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
                            rec_sub: int | None = None, maxnreg: int | None = None,
                            rec_deq: bool = True, rec_joint: bool | None = None,
                            prefetch: str | None = "auto", kernel: str = "auto",
-                           pdl=None, raw: bool | None = None, kall: bool | None = None) -> torch.Tensor:
+                           pdl=None, raw: bool | None = None, kall: bool | None = None,
+                           qmma: bool | None = None) -> torch.Tensor:
     """Decode attention: q [B, Hq, D] (cache frame) -> [B, Hq, D], ``ref_paged_decode_attention`` semantics.
 
     cfg None (records None) reads an fp16 (or bf16) cache with the same kernel.
@@ -906,7 +907,9 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
     ``GLUON_MIN_RECORDS`` records, else "triton".
     pdl: programmatic dependent launch of the call's kernels (None: ``PDL``; see ``pdl_on``).
     raw: the Gluon kernel's code unpack (None: ``GLUON_RAW``); kall: its K words loaded in
-    one batch per record (None: ``GLUON_KALL``; head_dim 128); the Triton kernel ignores both.
+    one batch per record (None: ``GLUON_KALL``; head_dim 128); qmma: q hoisted out of its
+    record loop and sum_d q kz by MMA (None: ``GLUON_QMMA``; with raw only). The Triton
+    kernel ignores all three.
     """
     hkv, g, d = check_paged_args(q, kv_fp16, records, block_tables, context_lens, cfg, 3)
     bsz, hq, _ = q.shape
@@ -936,7 +939,7 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
     pdl = pdl_on(q.device, pdl)
     if kernel == "gluon":
         return _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, num_splits, out,
-                             prefetch, maxnreg, pdl=pdl, raw=raw, kall=kall)
+                             prefetch, maxnreg, pdl=pdl, raw=raw, kall=kall, qmma=qmma)
     warps0, maxnreg0, rec_sub0, slots0 = default_launch(cfg, g, d)
     if num_splits is None:
         num_splits = default_num_splits(bsz, hkv, block_tables.shape[1], q.device,
@@ -1029,6 +1032,11 @@ GLUON_RAW = os.environ.get("KVARN_GLUON_RAW", "0") == "1"
 # NOTES.md attempt 51): offline 56 loads ahead of the first MMA instead of about 30.
 # KVARN_GLUON_KALL=1 on.
 GLUON_KALL = os.environ.get("KVARN_GLUON_KALL", "0") == "1"
+# With RAW: q loaded once per program (fp16, scaled) instead of per record, the B
+# fragments q * ks by HMUL2, and sum_d q kz by one MMA per 16 channels with kz broadcast
+# over the rows of A (NOTES.md attempt 52). Offline D 128 1,900 -> 1,658 instructions per
+# record (2,319 before RAW). KVARN_GLUON_QMMA=1 on.
+GLUON_QMMA = os.environ.get("KVARN_GLUON_QMMA", "0") == "1"
 _CAPABILITY: dict = {}
 
 
@@ -1121,7 +1129,7 @@ def _gluon_splits(programs: int, max_blocks: int, sms: int, programs_per_sm: int
 
 def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, num_splits, out,
                   prefetch="auto", maxnreg=None, fp16_chunks=None, side_stream=None, pair=None, pdl=False,
-                  raw=None, kall=None):
+                  raw=None, kall=None, qmma=None):
     """Records by the Gluon kernel (num_splits programs of one warp per sequence and KV
     head, one partial each), the sink and tail blocks, then a merge of the partials.
 
@@ -1141,7 +1149,9 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
     pdl: every kernel on the caller's stream launched with programmatic dependent launch
     (the fp16 part on the side stream, which starts after an event wait, without). raw
     (None: ``GLUON_RAW``): the subnormal code unpack. kall (None: ``GLUON_KALL``; head_dim
-    128 only, elsewhere ignored): a record's K words in one batch of loads."""
+    128 only, elsewhere ignored): a record's K words in one batch of loads. qmma (None:
+    ``GLUON_QMMA``; with raw only, else ignored): q loaded once per program, the B
+    fragments q * ks in fp16, and sum_d q kz by one more MMA per 16 channels."""
     aheads = {"l2": 1, "l2x2": 2, None: 0}
     if prefetch != "auto" and prefetch not in aheads:
         raise ValueError(f"kernel='gluon' takes prefetch 'auto', 'l2', 'l2x2' or None, got {prefetch!r}")
@@ -1166,6 +1176,7 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
     ahead = ahead0 if prefetch == "auto" else aheads[prefetch]
     if pair or rec_bytes % 16 or records.stride(0) % 16 or records.stride(1) % 16 or records.data_ptr() % 16:
         ahead = 0
+    raw = GLUON_RAW if raw is None else bool(raw)
     chunks = GLUON_FP16_CHUNKS if fp16_chunks is None else bool(fp16_chunks)
     block_n = fp16_chunk_n(bsz, hkv, g, d, _sm_count(q.device)) if chunks else 0
     # the record splits, then the fp16 chunks (or the one fp16 partial)
@@ -1191,8 +1202,8 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
         QH=qh, G=g, D=d, AHEAD=ahead, PF_ASM=decode_gluon.prefetch_asm(rec_bytes) if ahead else "",
         OFF_KC=o["k_codes"], OFF_KS=o["k_scale"], OFF_KZ=o["k_zero"], OFF_KT=o["k_tok"],
         OFF_VC=o["v_codes"], OFF_VCH=o["v_chan"], OFF_VS=o["v_scale"], OFF_VZ=o["v_zero"], PAIR=pair,
-        PDL=pdl, RAW=GLUON_RAW if raw is None else bool(raw),
-        KALL=(GLUON_KALL if kall is None else bool(kall)) and d == 128, num_warps=1,
+        PDL=pdl, RAW=raw, KALL=(GLUON_KALL if kall is None else bool(kall)) and d == 128,
+        QMMA=raw and (GLUON_QMMA if qmma is None else bool(qmma)), num_warps=1,
         **({"maxnreg": maxnreg} if maxnreg else {}), **_pdl_kw(pdl))
     if side:
         main.wait_stream(stream)

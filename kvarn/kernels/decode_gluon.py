@@ -93,6 +93,20 @@ KW_L = gl.constexpr(_flat_layout([16, 16], reg=[(1, 1), (0, 1), (0, 8)],
 # flat: KW_L with the chunk in three more register bits
 KALL_L = gl.constexpr(_flat_layout([8, 16, 16], reg=[(2, 1), (1, 1), (1, 8), (0, 1), (0, 2), (0, 4)],
                                    lane=[(1, 2), (1, 4), (2, 2), (2, 4), (2, 8)]))
+# the query heads' q of all D / 16 channel chunks, hoisted out of the record loop (QMMA),
+# [D, 8 h]: B_L's bases (channel bits 0 and 3 in registers, 1 and 2 and the head in
+# lanes) plus the chunk bits in registers
+
+
+def _q_all_layout(d: int):
+    reg = [[1, 0], [8, 0]] + [[16 << i, 0] for i in range((d // 16).bit_length() - 1)]
+    return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=[[2, 0], [4, 0], [0, 1], [0, 2], [0, 4]],
+                                      warp_bases=[], block_bases=[], shape=[d, 8])
+
+
+QALL64_L = gl.constexpr(_q_all_layout(64))
+QALL128_L = gl.constexpr(_q_all_layout(128))
+QALL256_L = gl.constexpr(_q_all_layout(256))
 # V words of one 16-token chunk, [4 q, 2 f, 8 g, 2 e] flat: token 32q + 16e + 2k + f, word g
 VW_L = gl.constexpr(_flat_layout([4, 2, 8, 2], reg=[(3, 1), (1, 1)],
                                  lane=[(0, 1), (0, 2), (2, 1), (2, 2), (2, 4)]))
@@ -339,6 +353,45 @@ def _q_chunk(q_ptr, stride_qh, K: gl.constexpr, ks_ptr, kz_ptr, QH, qk_scale, RA
 
 
 @gluon.jit
+def _q_all(q_base, stride_qh, QH, qk_scale, D: gl.constexpr):
+    """q * qk_scale of the program's query heads as fp16 [D, 8] (QALL layout; heads >= QH
+    zero), loaded once per program (QMMA)."""
+    if D == 64:
+        L: gl.constexpr = QALL64_L
+    elif D == 128:
+        L: gl.constexpr = QALL128_L
+    else:
+        L: gl.constexpr = QALL256_L
+    c = gl.arange(0, D, layout=gl.SliceLayout(1, L))
+    h = gl.arange(0, 8, layout=gl.SliceLayout(0, L))
+    q = gl.load(q_base + h[None, :] * stride_qh + c[:, None], mask=(h < QH)[None, :], other=0.0)
+    return (q.to(gl.float32) * qk_scale).to(gl.float16)
+
+
+@gluon.jit
+def _q_pick(q_all, K: gl.constexpr, D: gl.constexpr):
+    """Chunk K (channels 16K .. 16K+15) of the hoisted q as a [16, 8] B fragment: the
+    chunk bits are registers, so no data moves."""
+    if D == 64:
+        x = gl.permute(gl.reshape(q_all, [2, 2, 16, 8]), [2, 3, 0, 1])          # [k, h, b1, b0]
+    elif D == 128:
+        x = gl.permute(gl.reshape(q_all, [2, 2, 2, 16, 8]), [3, 4, 0, 1, 2])    # [k, h, b2, b1, b0]
+    else:
+        x = gl.permute(gl.reshape(q_all, [2, 2, 2, 2, 16, 8]), [4, 5, 0, 1, 2, 3])
+    x0, x1 = gl.split(x)
+    x = x1 if (K % 2) == 1 else x0
+    x0, x1 = gl.split(x)
+    x = x1 if ((K // 2) % 2) == 1 else x0
+    if D >= 128:
+        x0, x1 = gl.split(x)
+        x = x1 if ((K // 4) % 2) == 1 else x0
+    if D == 256:
+        x0, x1 = gl.split(x)
+        x = x1 if (K // 8) == 1 else x0
+    return gl.convert_layout(x, B_L, assert_trivial=True)
+
+
+@gluon.jit
 def _grid_dependency_sync():
     """decode_attention._grid_dependency_sync in Gluon (programmatic dependent launch):
     griddepcontrol.wait, then launch_dependents, once per lane, before any load."""
@@ -384,7 +437,8 @@ def _store_partial(po_ptr, part, acc, l_safe, live, dead, C0: gl.constexpr, D: g
 @gluon.jit
 def _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D: gl.constexpr,
             OFF_KC: gl.constexpr, OFF_KS: gl.constexpr, OFF_KZ: gl.constexpr, OFF_KT: gl.constexpr,
-            kf, RAW: gl.constexpr = False, KALL: gl.constexpr = False, kall_idx=None):
+            kf, RAW: gl.constexpr = False, KALL: gl.constexpr = False, kall_idx=None,
+            QMMA: gl.constexpr = False, q_all=None):
     """s^T [128 r, 8 h] of one record (log2 units): Kc @ (q ks)^T in D / 16 chunks of 16
     channels (RAW: times the row factors kf [128 r], undoing the subnormal scaling), plus
     the per-head sum_d q kz', times k_tok per row."""
@@ -392,16 +446,32 @@ def _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D: gl.constexpr,
     kw_ptr = (rec + OFF_KC).to(gl.pointer_type(gl.int32))
     s = gl.zeros([128, 8], gl.float32, layout=MMA)
     zq = gl.zeros([16, 8], gl.float32, layout=B_L)
+    z = gl.zeros([16, 8], gl.float32, layout=MMA)
+    zero_a = gl.zeros([16, 16], gl.float16, layout=A_L)
     if KALL:
         kw_all = gl.load(kw_ptr + kall_idx)                      # every K word, one batch of loads
     for k in gl.static_range(D // 16):
-        qk, zk = _q_chunk(q_base, stride_qh, k, rec16 + OFF_KS // 2, rec16 + OFF_KZ // 2, QH, qk_scale, RAW)
-        zq = zq + zk
+        if QMMA:
+            # q hoisted (fp16, scaled): the B fragment is q * ks in fp16, and sum_d q kz
+            # one more MMA, with kz broadcast over 16 rows as A (RAW: kz' = kz)
+            gl.static_assert(RAW, "QMMA takes the uncentered (RAW) codes")
+            qc = _q_pick(q_all, k, D)
+            ks = gl.load(rec16 + OFF_KS // 2 + 16 * k + gl.arange(0, 16, layout=gl.SliceLayout(1, B_L)))
+            qk = qc * ks[:, None]
+            kz = gl.load(rec16 + OFF_KZ // 2 + 16 * k + gl.arange(0, 16, layout=gl.SliceLayout(0, A_L)))
+            kz_a, _ = gl.broadcast(kz[None, :], zero_a)
+            z = mma_v2(kz_a, qc, z)
+        else:
+            qk, zk = _q_chunk(q_base, stride_qh, k, rec16 + OFF_KS // 2, rec16 + OFF_KZ // 2, QH, qk_scale, RAW)
+            zq = zq + zk
         if KALL:
             s = mma_v2(_k_frag(_k_pick(kw_all, k), RAW), qk, s)
         else:
             s = mma_v2(_k_chunk(kw_ptr + k * 256, kidx, RAW), qk, s)
-    zqh = gl.convert_layout(gl.sum(zq, axis=0), gl.SliceLayout(0, MMA))
+    if QMMA:
+        zqh = gl.max(z, axis=0)                                  # the 16 rows are equal
+    else:
+        zqh = gl.convert_layout(gl.sum(zq, axis=0), gl.SliceLayout(0, MMA))
     kt = _rows(rec16 + OFF_KT // 2, rflat)
     if RAW:
         s = s * kf[:, None]
@@ -455,7 +525,7 @@ def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, q
                             OFF_KT: gl.constexpr, OFF_VC: gl.constexpr, OFF_VCH: gl.constexpr,
                             OFF_VS: gl.constexpr, OFF_VZ: gl.constexpr, PAIR: gl.constexpr = False,
                             PDL: gl.constexpr = False, RAW: gl.constexpr = False,
-                            KALL: gl.constexpr = False):
+                            KALL: gl.constexpr = False, QMMA: gl.constexpr = False):
     # D 64: one 64-row V accumulator (half-word V loads); 128: one 128-row; 256: two
     # 128-row halves (channels 0..127, 128..255), each the head_dim-128 V path
     VN: gl.constexpr = 128 if D >= 128 else 64
@@ -481,6 +551,10 @@ def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, q
         kall_idx = gl.arange(0, 2048, layout=KALL_L)           # [chunk, c16, w] (D 128)
     else:
         kall_idx = kidx
+    if QMMA:
+        q_all = _q_all(q_base, stride_qh, QH, qk_scale, D)
+    else:
+        q_all = kidx
     vflat = gl.arange(0, 128, layout=VW_L)                     # [q, f, g, e]
     vq = vflat // 32
     vf = (vflat // 16) % 2
@@ -521,8 +595,10 @@ def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, q
             blk2 = gl.load(bt + gl.minimum(i + 1, r1 - 1)).to(gl.int64)
             rec = rec_head + blk * stride_rb
             rec2 = rec_head + blk2 * stride_rb
-            s = _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT, kf, RAW, KALL, kall_idx)
-            s2 = _scores(rec2, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT, kf, RAW, KALL, kall_idx)
+            s = _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT, kf, RAW, KALL, kall_idx,
+                        QMMA, q_all)
+            s2 = _scores(rec2, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT, kf, RAW, KALL, kall_idx,
+                        QMMA, q_all)
             s2 = s2 + gl.where(ok2, 0.0, float("-inf"))
             m_new = gl.maximum(m, gl.maximum(gl.max(s, axis=0), gl.max(s2, axis=0)))
             alpha = gl.exp2(m - m_new)
@@ -542,7 +618,8 @@ def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, q
                 nxt = gl.load(bt + gl.minimum(i + AHEAD, r1 - 1)).to(gl.int64)
                 _prefetch_record_l2(rec_head + nxt * stride_rb, PF_ASM)
             rec = rec_head + blk * stride_rb
-            s = _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT, kf, RAW, KALL, kall_idx)
+            s = _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT, kf, RAW, KALL, kall_idx,
+                        QMMA, q_all)
             # ---- online softmax (per warp: no cross-warp step)
             m_new = gl.maximum(m, gl.max(s, axis=0))
             alpha = gl.exp2(m - m_new)

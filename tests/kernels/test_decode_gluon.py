@@ -82,45 +82,55 @@ RAW_CASES = [
 ]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("raw", [True, False])
-@pytest.mark.parametrize("d,qh,lens,splits,pair", RAW_CASES)
-def test_gluon_decode_raw_codes(d, qh, lens, splits, pair, raw, monkeypatch):
+# the record loop's variants: (GLUON_RAW, GLUON_QMMA) — attempt 52's hoisted q and
+# sum_d q kz by MMA need the raw codes
+UNPACKS = {"centered": (False, False), "raw": (True, False), "raw_qmma": (True, True)}
+
+
+def _set_unpack(monkeypatch, unpack, pair, kall=False):
     from kvarn.kernels import decode_attention
+    raw, qmma = UNPACKS[unpack]
     monkeypatch.setattr(decode_attention, "GLUON_RAW", raw)
+    monkeypatch.setattr(decode_attention, "GLUON_QMMA", qmma)
+    monkeypatch.setattr(decode_attention, "GLUON_KALL", kall)
     monkeypatch.setattr(decode_attention, "GLUON_PAIR", pair)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("unpack", list(UNPACKS))
+@pytest.mark.parametrize("d,qh,lens,splits,pair", RAW_CASES)
+def test_gluon_decode_raw_codes(d, qh, lens, splits, pair, unpack, monkeypatch):
+    _set_unpack(monkeypatch, unpack, pair)
     run_case("kvarn_k4v2_g128", d, qh, lens, splits, hkv=3, seed=29, kernel="gluon")
 
 
 # a record's K words in one batch of loads (GLUON_KALL, attempt 51; head_dim 128 only)
 @pytest.mark.gpu
-@pytest.mark.parametrize("raw", [True, False])
+@pytest.mark.parametrize("unpack", list(UNPACKS))
 @pytest.mark.parametrize("d,qh,lens,splits,pair", [c for c in RAW_CASES if c[0] == 128])
-def test_gluon_decode_raw_kall(d, qh, lens, splits, pair, raw, monkeypatch):
-    from kvarn.kernels import decode_attention
-    monkeypatch.setattr(decode_attention, "GLUON_RAW", raw)
-    monkeypatch.setattr(decode_attention, "GLUON_KALL", True)
-    monkeypatch.setattr(decode_attention, "GLUON_PAIR", pair)
+def test_gluon_decode_raw_kall(d, qh, lens, splits, pair, unpack, monkeypatch):
+    _set_unpack(monkeypatch, unpack, pair, kall=True)
     run_case("kvarn_k4v2_g128", d, qh, lens, splits, hkv=3, seed=37, kernel="gluon")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_gluon_raw_agrees_with_centered_codes(d, monkeypatch):
-    """The two unpacks compute the same sums in fp32 from the same fp16 operands; only the
-    order of the centering differs, so the outputs agree far inside the reference bound."""
-    from kvarn.kernels import decode_attention
+    """The unpacks compute the same sums in fp32 from fp16 operands (QMMA rounds q * ks
+    once more: fp16 q * qk_scale, then the fp16 product), so the outputs agree far inside
+    the reference bound."""
     cfg = KVarNConfig.from_name("kvarn_k4v2_g128", d)
     lens = [1, 300, 4097, 20000]
     kv, records, bt, ctx = build_paged_cache(cfg, lens, [1] * len(lens), 2, d, 128, seed=31)
     q = torch.randn(len(lens), 8, d, generator=torch.Generator().manual_seed(32)).half().cuda()
     outs = []
-    for raw in (False, True):
-        monkeypatch.setattr(decode_attention, "GLUON_RAW", raw)
+    for unpack in UNPACKS:
+        _set_unpack(monkeypatch, unpack, False)
         outs.append(paged_decode_attention(q, kv, records, bt, ctx, cfg, kernel="gluon").float())
     scale = outs[0].abs().max().item()
-    assert torch.isfinite(outs[1]).all()
-    assert (outs[1] - outs[0]).abs().max().item() <= 2e-3 * scale
+    for o in outs[1:]:
+        assert torch.isfinite(o).all()
+        assert (o - outs[0]).abs().max().item() <= 2e-3 * scale
 
 
 def _captured(lens, seed):
