@@ -36,7 +36,7 @@
 #   raw        session 15: the GPU tests of the subnormal code unpack (GLUON_RAW, NOTES.md
 #              attempt 50), then raw_codes.py (centered vs raw, graph replay)   (200 + 240)
 #   s15        session 15's call: raw_codes.py at 6 shapes, the raw / kall / qmma GPU tests, ncu
-#              of the B1 N32K record kernel                                 (200 + 240 + 120)
+#              of the B1 N32K record kernel with raw + qmma                 (200 + 240 + 120)
 #   bd         decode_breakdown.py alone, default launches (the breakdown step's first run) (150)
 #   pdl        the GPU decode tests (test_decode_gluon.py, the PDL cases among them, and
 #              test_decode_attention.py), then pdl.py: graph replay and eager time with
@@ -110,7 +110,7 @@ for step in "$@"; do
          run raw_codes 200 $PY benchmarks/raw_codes.py --out "$RES/raw_codes.json" \
               --shapes B1_N32K B1_N4K B1_N128K B64_N16K D64_B1_N32K D256_B16_N16K
          run raw_tests 240 $PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py -k "raw"
-         run ncu_b1 120 bash -c "ncu --clock-control none --kernel-name regex:record_attention_kernel --launch-skip 2 \
+         run ncu_b1 120 bash -c "KVARN_GLUON_RAW=1 KVARN_GLUON_QMMA=1 ncu --clock-control none --kernel-name regex:record_attention_kernel --launch-skip 2 \
                --launch-count 1 --set full --import-source yes -f -o '$RES/ncu_b1' \
                $PY benchmarks/profile_kernels.py --shape B1_N32K \
              && ncu -i '$RES/ncu_b1.ncu-rep' --page details --print-details all > '$RES/ncu_b1_details.txt' 2>&1; \
