@@ -114,7 +114,10 @@ for step in "$@"; do
                --launch-count 1 --set full --import-source yes -f -o '$RES/ncu_b1' \
                $PY benchmarks/profile_kernels.py --shape B1_N32K \
              && ncu -i '$RES/ncu_b1.ncu-rep' --page details --print-details all > '$RES/ncu_b1_details.txt' 2>&1; \
-             ncu -i '$RES/ncu_b1.ncu-rep' --page source --print-source sass --csv > '$RES/ncu_b1_sass.csv' 2>&1; ls -la '$RES'" ;;
+             ncu -i '$RES/ncu_b1.ncu-rep' --page source --print-source sass --csv > '$RES/ncu_b1_sass.csv' 2>&1; \
+             $PY benchmarks/ncu_summary.py '$RES/ncu_b1_sass.csv' > '$RES/ncu_b1_top.txt' 2>&1; \
+             grep -E 'Issue Slots Busy|Issued Ipc|Warp Cycles Per Issued|Achieved Occupancy|Eligible Warps|Memory Throughput|Duration|Registers Per' '$RES/ncu_b1_details.txt' | head -20; \
+             head -40 '$RES/ncu_b1_top.txt'" ;;
     ncu) # session 15: Nsight Compute (full set, per-instruction stall sampling) on the B1 N32K
          # Gluon record kernel and on the store kernel (8B shape, 16K tokens); L2 flushed
          # before the profiled launch (ncu's default cache control), clocks left alone
