@@ -37,6 +37,8 @@
 #              attempt 50), then raw_codes.py (centered vs raw, graph replay)   (200 + 240)
 #   s15        session 15's call: raw_codes.py at 6 shapes, the raw / kall / qmma GPU tests, ncu
 #              of the B1 N32K record kernel with raw + qmma                 (200 + 240 + 120)
+#   s15b       the Gluon decode tests (not the raw / pair ones) and the GPU engine tests with
+#              KVARN_GLUON_RAW=1 KVARN_GLUON_QMMA=1                          (220 + 100)
 #   bd         decode_breakdown.py alone, default launches (the breakdown step's first run) (150)
 #   pdl        the GPU decode tests (test_decode_gluon.py, the PDL cases among them, and
 #              test_decode_attention.py), then pdl.py: graph replay and eager time with
@@ -118,6 +120,12 @@ for step in "$@"; do
              $PY benchmarks/ncu_summary.py '$RES/ncu_b1_sass.csv' > '$RES/ncu_b1_top.txt' 2>&1; \
              grep -E 'Issue Slots Busy|Issued Ipc|Warp Cycles Per Issued|Achieved Occupancy|Eligible Warps|Memory Throughput|Duration|Registers Per' '$RES/ncu_b1_details.txt' | head -20; \
              head -40 '$RES/ncu_b1_top.txt'" ;;
+    s15b) # session 15's second call: the Gluon decode tests and the GPU engine tests with raw +
+          # qmma on through the environment (the candidate defaults)
+          run gluon_rawq_tests 220 env KVARN_GLUON_RAW=1 KVARN_GLUON_QMMA=1 $PY -m pytest -q -m gpu \
+               tests/kernels/test_decode_gluon.py -k "not raw and not pair"
+          run engine_rawq_tests 100 env KVARN_GLUON_RAW=1 KVARN_GLUON_QMMA=1 $PY -m pytest -q -m gpu \
+               tests/engine/test_gpu_engine.py ;;
     ncu) # session 15: Nsight Compute (full set, per-instruction stall sampling) on the B1 N32K
          # Gluon record kernel and on the store kernel (8B shape, 16K tokens); L2 flushed
          # before the profiled launch (ncu's default cache control), clocks left alone
@@ -135,6 +143,6 @@ for step in "$@"; do
     bd) run bd 150 $PY benchmarks/decode_breakdown.py --out "$RES/breakdown.json" ;;
     pdl) run pdl_tests 300 $PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py tests/kernels/test_decode_attention.py
          run pdl 300 $PY benchmarks/pdl.py --out "$RES/pdl.json" ;;
-    *) echo "unknown step $step (tests tests_rest kernels breakdown variants extend engine store pdl ws bd defaults short verify ncu raw s15)"; exit 2 ;;
+    *) echo "unknown step $step (tests tests_rest kernels breakdown variants extend engine store pdl ws bd defaults short verify ncu raw s15 s15b)"; exit 2 ;;
   esac
 done
