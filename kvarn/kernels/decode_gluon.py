@@ -33,6 +33,15 @@ Scales are folded (as ``_record_tile``): codes enter centered (c - 8, c - 2); ks
 (per record), kz' = kz + 8 ks as a per-head constant sum_d q kz', kt on the score rows,
 vs into p, vz' = vz + 2 vs as the per-head sum_t p vz', vch on the output rows.
 
+Session 15 options (opt-in until GPU-measured; decode_attention.GLUON_RAW / _QMMA / _KALL,
+NOTES.md attempts 50-52): RAW masks each code field in place and leaves it as the fp16
+subnormal x * 2^-24, which the MMA multiplies exactly; the power of two per score row
+(token parity) and per output row (the channel's position in its V byte) is applied to the
+fp32 accumulators, and the codes enter uncentered (kz' = kz, vz' = vz). QMMA (with RAW)
+loads q * qk_scale once per program as fp16, forms the B fragments q * ks by HMUL2 and
+computes sum_d q kz with one more MMA per 16 channels (kz broadcast over the rows of A).
+KALL (head_dim 128) loads a record's K words in one batch before its score MMAs.
+
 With PAIR (opt-in, session 8; off, as slower in session 9's GPU runs) the loop takes two
 records per iteration: both score tiles, one joint softmax update, both value products,
 so one warp holds two independent chains (for small batches, where few warps share an
