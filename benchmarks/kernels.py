@@ -319,7 +319,8 @@ def kernel_times(prof, calls: int) -> dict:
     return per
 
 
-def graph_latency(label, copies: int = 16, replays: int = 50, profile_names=(), variants=None) -> dict:
+def graph_latency(label, copies: int = 16, replays: int = 50, profile_names=(), variants=None,
+                  only=None) -> dict:
     """Small-batch latency without the CPU in it and with L2 cold: ``copies`` distinct
     caches of the shape (one PagedCase of batch * copies sequences, each with its own
     memory) are called one after another inside one CUDA graph, as the engine replays
@@ -330,7 +331,7 @@ def graph_latency(label, copies: int = 16, replays: int = 50, profile_names=(), 
     the cold-L2 kernel times, which a profile of repeated eager calls on one cache
     (decode_breakdown.py's rows) understates where the records fit in L2. variants:
     {name: paged_decode_attention keyword arguments}, more KVarN paths to time (as
-    "kvarn_" + name)."""
+    "kvarn_" + name). only: time just these of the built-in paths (and the variants)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from kvarn.kernels.decode_attention import paged_decode_attention
     case, cfg, b = case_for(label, copies)
@@ -358,6 +359,8 @@ def graph_latency(label, copies: int = 16, replays: int = 50, profile_names=(), 
             fns["kvarn_" + kern] = functools.partial(
                 lambda i, kern: paged_decode_attention(case.q[sl[i]], case.kv, case.records, case.bt[sl[i]],
                                                        case.lens[sl[i]], cfg, out=outs[i], kernel=kern), kern=kern)
+    if only is not None:
+        fns = {k: v for k, v in fns.items() if k in only}
     for vname, kw in (variants or {}).items():
         fns["kvarn_" + vname] = functools.partial(
             lambda i, kw: paged_decode_attention(case.q[sl[i]], case.kv, case.records, case.bt[sl[i]],
@@ -398,7 +401,8 @@ def graph_latency(label, copies: int = 16, replays: int = 50, profile_names=(), 
                 torch.cuda.synchronize()
             row[name]["kernels_ms_per_call"] = kernel_times(prof, 5 * copies)
         del g
-    row["kvarn_over_sdpa"] = row["kvarn"]["ms_median"] / row["sdpa"]["ms_median"]
+    if "kvarn" in row and "sdpa" in row:
+        row["kvarn_over_sdpa"] = row["kvarn"]["ms_median"] / row["sdpa"]["ms_median"]
     del case
     torch.cuda.empty_cache()
     return row

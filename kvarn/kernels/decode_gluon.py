@@ -461,15 +461,21 @@ def _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D: gl.constexpr,
         kw_all = gl.load(kw_ptr + kall_idx)                      # every K word, one batch of loads
     for k in gl.static_range(D // 16):
         if QMMA:
-            # q hoisted (fp16, scaled): the B fragment is q * ks in fp16, and sum_d q kz
-            # one more MMA, with kz broadcast over 16 rows as A (RAW: kz' = kz)
+            # q hoisted (fp16, scaled): the B fragment is q * ks in fp16. The per-head
+            # zero term by two more MMAs into z, whose 16 rows are equal: A = kz + 8 ks
+            # (fp16) broadcast over the rows times q, and A = -8 times the B fragment
+            # itself. So the sum is (c - 8) B + q (kz + 8 ks), the centered codes'
+            # rounding (uncentered, each fp16 rounding of B is multiplied by c, about
+            # twice the error: NOTES.md attempt 53, benchmarks/raw_numerics.py)
             gl.static_assert(RAW, "QMMA takes the uncentered (RAW) codes")
             qc = _q_pick(q_all, k, D)
             ks = gl.load(rec16 + OFF_KS // 2 + 16 * k + gl.arange(0, 16, layout=gl.SliceLayout(1, B_L)))
             qk = qc * ks[:, None]
-            kz = gl.load(rec16 + OFF_KZ // 2 + 16 * k + gl.arange(0, 16, layout=gl.SliceLayout(0, A_L)))
-            kz_a, _ = gl.broadcast(kz[None, :], zero_a)
+            ca = 16 * k + gl.arange(0, 16, layout=gl.SliceLayout(0, A_L))
+            kzc = gl.load(rec16 + OFF_KZ // 2 + ca) + 8.0 * gl.load(rec16 + OFF_KS // 2 + ca)
+            kz_a, _ = gl.broadcast(kzc[None, :], zero_a)
             z = mma_v2(kz_a, qc, z)
+            z = mma_v2(gl.full([16, 16], -8.0, gl.float16, layout=A_L), qk, z)
         else:
             qk, zk = _q_chunk(q_base, stride_qh, k, rec16 + OFF_KS // 2, rec16 + OFF_KZ // 2, QH, qk_scale, RAW)
             zq = zq + zk
@@ -489,21 +495,29 @@ def _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D: gl.constexpr,
 
 @gluon.jit
 def _values(rec, p, vidx, rflat, cflat, D: gl.constexpr, OFF_VC: gl.constexpr, OFF_VCH: gl.constexpr,
-            OFF_VS: gl.constexpr, OFF_VZ: gl.constexpr, vf, RAW: gl.constexpr = False):
+            OFF_VS: gl.constexpr, OFF_VZ: gl.constexpr, vf, RAW: gl.constexpr = False,
+            QMMA: gl.constexpr = False):
     """One record's (o^T + sum_t p vz') * v_chan for probabilities p [128 r, 8 h]: the
     channels 0..127 (0..63 at D 64), and at D 256 also channels 128..255 (else zeros).
-    RAW: o^T times the channel-row factors vf [VN], and vz' = vz (uncentered codes)."""
+    RAW: o^T times the channel-row factors vf [VN], and vz' = vz (uncentered codes);
+    with QMMA the centering is restored as in ``_scores``: minus 2 sum_t B by MMA, and
+    vz' = vz + 2 vs."""
     VN: gl.constexpr = 128 if D >= 128 else 64
     rec16 = rec.to(gl.pointer_type(gl.float16))
     vs = _rows(rec16 + OFF_VS // 2, rflat)
     vz = _rows(rec16 + OFF_VZ // 2, rflat)
-    if not RAW:
+    if QMMA or not RAW:
         vz = vz + 2.0 * vs
     zv = gl.sum(p * vz[:, None], axis=0)
     pv = (p * vs[:, None]).to(gl.float16)                       # [128 r, 8 h]
     pp = _f16_to_pair(gl.reshape(pv, [128, 4, 2]))              # [128 r, 4 hp]
     t = gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r", [pp],
                                   dtype=gl.int32, is_pure=True, pack=1)
+    if QMMA:
+        w = gl.zeros([16, 8], gl.float32, layout=MMA)
+        for k in gl.static_range(8):
+            w = mma_v2(gl.full([16, 16], -2.0, gl.float16, layout=A_L), _p_chunk(t, k), w)
+        zv = zv + gl.max(w, axis=0)                              # the 16 rows are equal
     if D == 64:
         vw_ptr = (rec + OFF_VC).to(gl.pointer_type(gl.int16))
     else:
@@ -615,8 +629,8 @@ def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, q
             p2 = gl.exp2(s2 - m_new[None, :])
             l = l * alpha + gl.sum(p, axis=0) + gl.sum(p2, axis=0)
             m = m_new
-            c1, c2 = _values(rec, p, vidx, rflat, cflat, D, OFF_VC, OFF_VCH, OFF_VS, OFF_VZ, vf, RAW)
-            d1, d2 = _values(rec2, p2, vidx, rflat, cflat, D, OFF_VC, OFF_VCH, OFF_VS, OFF_VZ, vf, RAW)
+            c1, c2 = _values(rec, p, vidx, rflat, cflat, D, OFF_VC, OFF_VCH, OFF_VS, OFF_VZ, vf, RAW, QMMA)
+            d1, d2 = _values(rec2, p2, vidx, rflat, cflat, D, OFF_VC, OFF_VCH, OFF_VS, OFF_VZ, vf, RAW, QMMA)
             acc = acc * alpha[None, :] + (c1 + d1)
             if D == 256:
                 acc2 = acc2 * alpha[None, :] + (c2 + d2)
@@ -635,7 +649,7 @@ def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, q
             p = gl.exp2(s - m_new[None, :])
             l = l * alpha + gl.sum(p, axis=0)
             m = m_new
-            c1, c2 = _values(rec, p, vidx, rflat, cflat, D, OFF_VC, OFF_VCH, OFF_VS, OFF_VZ, vf, RAW)
+            c1, c2 = _values(rec, p, vidx, rflat, cflat, D, OFF_VC, OFF_VCH, OFF_VS, OFF_VZ, vf, RAW, QMMA)
             acc = acc * alpha[None, :] + c1
             if D == 256:
                 acc2 = acc2 * alpha[None, :] + c2
