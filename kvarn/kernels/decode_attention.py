@@ -1025,17 +1025,23 @@ GLUON_PAIR = os.environ.get("KVARN_GLUON_PAIR", "0") == "1"
 PDL = os.environ.get("KVARN_PDL", "1")
 # The Gluon kernel's code unpack without the fp16 magic number (decode_gluon.K_ASM_RAW,
 # NOTES.md attempt 50): the masked codes are fp16 subnormals that the tensor cores
-# multiply exactly, rescaled per score / output row after the MMA. Offline (Triton 3.6,
-# sm_90a) the D 128 record loop is 1,900 instructions instead of 2,319. KVARN_GLUON_RAW=1 on.
+# multiply exactly (H100, session 15: 33 GPU tests), rescaled per score / output row
+# after the MMA. Offline (Triton 3.6, sm_90a) the D 128 record loop is 1,900 instructions
+# instead of 2,319; H100 B1 N32K 0.0250 -> 0.0242 ms, D 64 slower (a spill). Alone it
+# doubles the rounding error of the B operands (uncentered codes); QMMA restores it.
+# KVARN_GLUON_RAW=1 on.
 GLUON_RAW = os.environ.get("KVARN_GLUON_RAW", "0") == "1"
 # Its K words of a record in one batch of loads before the score MMAs (head_dim 128;
 # NOTES.md attempt 51): offline 56 loads ahead of the first MMA instead of about 30.
 # KVARN_GLUON_KALL=1 on.
 GLUON_KALL = os.environ.get("KVARN_GLUON_KALL", "0") == "1"
 # With RAW: q loaded once per program (fp16, scaled) instead of per record, the B
-# fragments q * ks by HMUL2, and sum_d q kz by one MMA per 16 channels with kz broadcast
-# over the rows of A (NOTES.md attempt 52). Offline D 128 1,900 -> 1,658 instructions per
-# record (2,319 before RAW). KVARN_GLUON_QMMA=1 on.
+# fragments q * ks by HMUL2, and the zero terms by MMA with broadcast A rows: sum_d q (kz
+# + 8 ks) - 8 sum_d B, and for values -2 sum_t B, which restores the centered codes'
+# rounding error (NOTES.md attempts 52, 53). H100 session 15, attempt 52 without the
+# centering: B1 N32K 0.0250 -> 0.0229 ms, but twice the rounding error (one GPU test over
+# its bar); attempt 53 (this code, offline 1,804 instructions per record at D 128 against
+# 2,319 without RAW) is not GPU-run yet. KVARN_GLUON_QMMA=1 on.
 GLUON_QMMA = os.environ.get("KVARN_GLUON_QMMA", "0") == "1"
 _CAPABILITY: dict = {}
 
