@@ -34,13 +34,15 @@ Scales are folded (as ``_record_tile``): codes enter centered (c - 8, c - 2); ks
 vs into p, vz' = vz + 2 vs as the per-head sum_t p vz', vch on the output rows.
 
 Session 15 options (opt-in until GPU-measured; decode_attention.GLUON_RAW / _QMMA / _KALL,
-NOTES.md attempts 50-52): RAW masks each code field in place and leaves it as the fp16
+NOTES.md attempts 50-53): RAW masks each code field in place and leaves it as the fp16
 subnormal x * 2^-24, which the MMA multiplies exactly; the power of two per score row
 (token parity) and per output row (the channel's position in its V byte) is applied to the
-fp32 accumulators, and the codes enter uncentered (kz' = kz, vz' = vz). QMMA (with RAW)
-loads q * qk_scale once per program as fp16, forms the B fragments q * ks by HMUL2 and
-computes sum_d q kz with one more MMA per 16 channels (kz broadcast over the rows of A).
-KALL (head_dim 128) loads a record's K words in one batch before its score MMAs.
+fp32 accumulators, and the codes enter uncentered (kz' = kz, vz' = vz), which doubles the
+effect of each fp16 rounding of the B operands. QMMA (with RAW) loads q * qk_scale once
+per program as fp16, forms the B fragments q * ks by HMUL2, and computes the zero terms
+by MMA with A broadcast over its rows, restoring the centered rounding: sum_d q (kz + 8 ks)
+- 8 sum_d B for the scores, -2 sum_t B (with vz' = vz + 2 vs) for the values. KALL
+(head_dim 128) loads a record's K words in one batch before its score MMAs.
 
 With PAIR (opt-in, session 8; off, as slower in session 9's GPU runs) the loop takes two
 records per iteration: both score tiles, one joint softmax update, both value products,
@@ -320,7 +322,8 @@ def _v_chunk64(vw_ptr, vidx, RAW: gl.constexpr = False):
     wv = gl.reshape(gl.load(vw_ptr + vidx).to(gl.int32), [4, 2, 8, 2])   # [q, f, g, e]
     wa, wb = gl.split(wv)
     o = gl.inline_asm_elementwise(
-        V64_ASM_RAW if RAW else V64_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [wa, wb], dtype=(gl.int32,) * 8, is_pure=True, pack=1)
+        V64_ASM_RAW if RAW else V64_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [wa, wb], dtype=(gl.int32,) * 8,
+        is_pure=True, pack=1)
     a = _j2(_j2(_j2(o[0], o[1]), _j2(o[2], o[3])), _j2(_j2(o[4], o[5]), _j2(o[6], o[7])))
     # a [q, f, g, j0, j1, j2]: channel 8 g + j, j = j0 + 2 j1 + 4 j2
     a = gl.reshape(gl.permute(a, [5, 4, 3, 2, 1, 0]), [64, 8])   # [c = 8 j + g, up = 4 f + q]
