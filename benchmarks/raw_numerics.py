@@ -89,7 +89,8 @@ def main():
     print(f"D {args.d}, {args.qh} query heads, {args.records} records, {args.seeds} seeds: relative error of o")
     for v in variants:
         e = torch.tensor(errs[v])
-        print(f"  {v:9s} mean {e.mean():.2e}  max {e.max():.2e}  (x{(e / torch.tensor(errs['centered'])).mean():.2f} centered)")
+        ratio = (e / torch.tensor(errs["centered"])).mean()
+        print(f"  {v:9s} mean {e.mean():.2e}  max {e.max():.2e}  (x{ratio:.2f} centered)")
 
 
 if __name__ == "__main__":

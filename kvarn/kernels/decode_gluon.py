@@ -621,10 +621,10 @@ def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, q
             blk2 = gl.load(bt + gl.minimum(i + 1, r1 - 1)).to(gl.int64)
             rec = rec_head + blk * stride_rb
             rec2 = rec_head + blk2 * stride_rb
-            s = _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT, kf, RAW, KALL, kall_idx,
-                        QMMA, q_all)
-            s2 = _scores(rec2, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT, kf, RAW, KALL, kall_idx,
-                        QMMA, q_all)
+            s = _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT,
+                        kf, RAW, KALL, kall_idx, QMMA, q_all)
+            s2 = _scores(rec2, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT,
+                        kf, RAW, KALL, kall_idx, QMMA, q_all)
             s2 = s2 + gl.where(ok2, 0.0, float("-inf"))
             m_new = gl.maximum(m, gl.maximum(gl.max(s, axis=0), gl.max(s2, axis=0)))
             alpha = gl.exp2(m - m_new)
@@ -644,8 +644,8 @@ def record_attention_kernel(q_ptr, rec_ptr, bt_ptr, ctx_ptr, po_ptr, plse_ptr, q
                 nxt = gl.load(bt + gl.minimum(i + AHEAD, r1 - 1)).to(gl.int64)
                 _prefetch_record_l2(rec_head + nxt * stride_rb, PF_ASM)
             rec = rec_head + blk * stride_rb
-            s = _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT, kf, RAW, KALL, kall_idx,
-                        QMMA, q_all)
+            s = _scores(rec, q_base, stride_qh, kidx, rflat, QH, qk_scale, D, OFF_KC, OFF_KS, OFF_KZ, OFF_KT,
+                        kf, RAW, KALL, kall_idx, QMMA, q_all)
             # ---- online softmax (per warp: no cross-warp step)
             m_new = gl.maximum(m, gl.max(s, axis=0))
             alpha = gl.exp2(m - m_new)
