@@ -33,8 +33,6 @@
 #              the GPU extend tests (session 14: 67 of them took 270 s)  (60 + 60 + 100 + 360)
 #   ncu        session 15: ncu --set full with per-instruction stall sampling on the B1 N32K
 #              record kernel and the store kernel; reports and text in steps.tgz  (200 + 200)
-#   raw        session 15: the GPU tests of the subnormal code unpack (GLUON_RAW, NOTES.md
-#              attempt 50), then raw_codes.py (centered vs raw, graph replay)   (200 + 240)
 #   s15        session 15's call: raw_codes.py at 6 shapes, the raw / kall / qmma GPU tests, ncu
 #              of the B1 N32K record kernel with raw + qmma                 (200 + 240 + 120)
 #   s15b       the Gluon decode tests (not the raw / pair ones) and the GPU engine tests with
@@ -138,11 +136,9 @@ for step in "$@"; do
              ncu -i '$RES/ncu_$tag.ncu-rep' --page source --print-source sass --csv > '$RES/ncu_${tag}_sass.csv' 2>&1; \
              ls -la '$RES'"
          done ;;
-    raw) run raw_tests 200 $PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py -k raw
-         run raw_codes 240 $PY benchmarks/raw_codes.py --out "$RES/raw_codes.json" ;;
     bd) run bd 150 $PY benchmarks/decode_breakdown.py --out "$RES/breakdown.json" ;;
     pdl) run pdl_tests 300 $PY -m pytest -q -m gpu tests/kernels/test_decode_gluon.py tests/kernels/test_decode_attention.py
          run pdl 300 $PY benchmarks/pdl.py --out "$RES/pdl.json" ;;
-    *) echo "unknown step $step (tests tests_rest kernels breakdown variants extend engine store pdl ws bd defaults short verify ncu raw s15 s15b)"; exit 2 ;;
+    *) echo "unknown step $step (tests tests_rest kernels breakdown variants extend engine store pdl ws bd defaults short verify ncu s15 s15b)"; exit 2 ;;
   esac
 done

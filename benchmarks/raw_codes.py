@@ -1,9 +1,9 @@
 """The Gluon record kernel's code unpack with the fp16 magic number ("centered", the
 kernel since session 5) against the subnormal one ("raw", NOTES.md attempt 50), with
 and without the K words in one batch of loads ("kall", attempt 51) and the hoisted q
-with sum q kz by MMA ("qmma", attempt 52), under
-CUDA-graph replay (kernels.py ``graph_latency``: distinct caches, L2 cold), both in the
-same graphs' run, each output checked against the other first.
+with the zero terms by MMA ("qmma", attempts 52-53), under CUDA-graph replay (kernels.py
+``graph_latency``: distinct caches, L2 cold), all in one run; raw's output is checked
+against centered's first.
 
     python benchmarks/raw_codes.py [--shapes B1_N32K ...] [--out raw_codes.json]
 """
@@ -20,7 +20,7 @@ VARIANTS = {"centered": dict(kernel="gluon", raw=False), "raw": dict(kernel="glu
             # attempt 51 (head_dim 128 only): a record's K words in one batch of loads
             "raw_kall": dict(kernel="gluon", raw=True, kall=True),
             "kall": dict(kernel="gluon", raw=False, kall=True),
-            # attempt 52: q hoisted, sum q kz by MMA (with raw)
+            # attempts 52-53: q hoisted, the zero terms by MMA (with raw)
             "raw_qmma": dict(kernel="gluon", raw=True, qmma=True),
             "raw_qmma_kall": dict(kernel="gluon", raw=True, qmma=True, kall=True),
             # offline the raw loop needs 181 registers uncapped against LAUNCH's cap of 168

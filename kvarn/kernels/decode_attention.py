@@ -908,8 +908,8 @@ def paged_decode_attention(q, kv_fp16, records, block_tables, context_lens, cfg:
     pdl: programmatic dependent launch of the call's kernels (None: ``PDL``; see ``pdl_on``).
     raw: the Gluon kernel's code unpack (None: ``GLUON_RAW``); kall: its K words loaded in
     one batch per record (None: ``GLUON_KALL``; head_dim 128); qmma: q hoisted out of its
-    record loop and sum_d q kz by MMA (None: ``GLUON_QMMA``; with raw only). The Triton
-    kernel ignores all three.
+    record loop and the zero terms by MMA, with the centered codes' rounding (None:
+    ``GLUON_QMMA``; with raw only). The Triton kernel ignores all three.
     """
     hkv, g, d = check_paged_args(q, kv_fp16, records, block_tables, context_lens, cfg, 3)
     bsz, hq, _ = q.shape
@@ -1157,7 +1157,8 @@ def _gluon_decode(q, kv_fp16, records, block_tables, context_lens, cfg, scale, n
     (None: ``GLUON_RAW``): the subnormal code unpack. kall (None: ``GLUON_KALL``; head_dim
     128 only, elsewhere ignored): a record's K words in one batch of loads. qmma (None:
     ``GLUON_QMMA``; with raw only, else ignored): q loaded once per program, the B
-    fragments q * ks in fp16, and sum_d q kz by one more MMA per 16 channels."""
+    fragments q * ks in fp16, and the zero terms (sum_d q (kz + 8 ks) - 8 sum_d B; for
+    values -2 sum_t B) by MMA with broadcast A rows."""
     aheads = {"l2": 1, "l2x2": 2, None: 0}
     if prefetch != "auto" and prefetch not in aheads:
         raise ValueError(f"kernel='gluon' takes prefetch 'auto', 'l2', 'l2x2' or None, got {prefetch!r}")
